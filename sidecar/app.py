@@ -1,0 +1,139 @@
+"""Composition root: builds every long-lived object once and owns its lifecycle.
+
+``Sidecar.start`` opens the store, builds the credential manager and one proxy listener per
+``[[upstream]]`` plus the admin listener. ``stop`` stops accepting, lets in-flight requests
+finish (bounded by ``shutdown_timeout_seconds``), then closes sessions and the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+
+from sidecar.admin import make_admin_app
+from sidecar.config import Config, UpstreamConfig
+from sidecar.credentials import CredentialManager
+from sidecar.crypto import TokenCipher
+from sidecar.grants import make_grant
+from sidecar.metrics import Metrics
+from sidecar.model import Clock, system_clock
+from sidecar.proxy import UpstreamProxy
+from sidecar.store import TokenStore, open_store
+from sidecar.tasks import Tasks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sidecar:
+    config: Config
+    store: TokenStore
+    credentials: CredentialManager
+    metrics: Metrics
+    addresses: dict[str, tuple[str, int]] = field(default_factory=dict)  # listener -> address
+    _exit: AsyncExitStack = field(default_factory=AsyncExitStack)
+    _runners: list[web.BaseRunner] = field(default_factory=list)
+
+    @classmethod
+    async def start(
+        cls,
+        config: Config,
+        *,
+        clock: Clock = system_clock,
+        registry: CollectorRegistry | None = None,
+        rng: random.Random | None = None,
+    ) -> Sidecar:
+        exit_stack = AsyncExitStack()
+        try:
+            return await cls._build(config, clock, Metrics(registry), rng, exit_stack)
+        except BaseException:
+            await exit_stack.aclose()
+            raise
+
+    @classmethod
+    async def _build(
+        cls,
+        config: Config,
+        clock: Clock,
+        metrics: Metrics,
+        rng: random.Random | None,
+        exit_stack: AsyncExitStack,
+    ) -> Sidecar:
+        store = await open_store(config.store.url)
+        exit_stack.push_async_callback(store.close)
+        tasks = Tasks()
+        exit_stack.push_async_callback(tasks.close)
+        token_session = await exit_stack.enter_async_context(
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        )
+        grants = {p.name: make_grant(token_session, p, clock) for p in config.providers}
+        credentials = CredentialManager(
+            store,
+            TokenCipher(config.store.keys),
+            grants,
+            {p.name: p for p in config.providers},
+            metrics,
+            clock,
+            tasks,
+            rng,
+        )
+        await credentials.reset_client_credentials()
+        sidecar = cls(config, store, credentials, metrics, _exit=exit_stack)
+        for upstream in config.upstreams:
+            await sidecar._listen_upstream(upstream)
+        admin = make_admin_app(
+            store, metrics, tuple(p.name for p in config.providers), sidecar.listeners_up
+        )
+        runner = web.AppRunner(
+            admin, access_log=None, shutdown_timeout=config.shutdown_timeout_seconds
+        )
+        await sidecar._listen("admin", runner, config.admin.host, config.admin.port)
+        return sidecar
+
+    async def _listen_upstream(self, cfg: UpstreamConfig) -> None:
+        session = await self._exit.enter_async_context(upstream_session(cfg))
+        proxy = UpstreamProxy(cfg, self.credentials, session, self.metrics)
+        server = web.Server(proxy.handle, access_log=None)
+        runner = web.ServerRunner(server, shutdown_timeout=self.config.shutdown_timeout_seconds)
+        await self._listen(cfg.name, runner, cfg.host, cfg.port)
+
+    async def _listen(self, name: str, runner: web.BaseRunner, host: str, port: int) -> None:
+        await runner.setup()
+        self._runners.append(runner)
+        await web.TCPSite(runner, host, port).start()
+        self.addresses[name] = runner.addresses[0][:2]
+        log.info("listening", extra={"listener": name, "port": self.addresses[name][1]})
+
+    def listeners_up(self) -> bool:
+        return len(self.addresses) == len(self.config.upstreams) + 1
+
+    def url(self, listener: str) -> str:
+        host, port = self.addresses[listener]
+        return f"http://{host}:{port}"
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), then release everything."""
+        for runner in reversed(self._runners):
+            await runner.cleanup()
+        self._runners.clear()
+        self.addresses.clear()
+        await self._exit.aclose()
+
+
+def upstream_session(cfg: UpstreamConfig) -> aiohttp.ClientSession:
+    """A keep-alive pool for one upstream that changes nothing the app sent."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=cfg.max_connections, limit_per_host=0),
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=cfg.connect_timeout_seconds, sock_read=cfg.read_timeout_seconds
+        ),
+        auto_decompress=False,  # compressed answers pass through as they are
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+    )

@@ -1,0 +1,404 @@
+"""Configuration: TOML in, frozen dataclasses out, every problem reported at once.
+
+Parsing happens once, at the edge. Each problem names its key path (``provider[0].token_url``)
+so an operator can fix a whole file in one pass. Secrets (client secrets, store keys) are read
+here, so a missing or world-readable secret file is a configuration problem, not a crash later.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from sidecar.errors import ConfigError
+
+GRANTS = ("refresh_token", "client_credentials")
+AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
+CLIENT_CREDENTIALS_ACCOUNT = "default"
+"""A client_credentials provider has one token; it is stored under this account name."""
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    url: str
+    key_file: str
+    keys: tuple[bytes, ...] = field(repr=False)  # 32-byte AES keys; the first one encrypts
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    host: str = "127.0.0.1"
+    port: int = 9901
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    name: str
+    token_url: str
+    grant: str
+    client_id: str
+    client_secret: str | None = field(default=None, repr=False)
+    auth_method: str = "client_secret_basic"
+    scopes: tuple[str, ...] = ()
+    extra_params: tuple[tuple[str, str], ...] = ()
+    refresh_skew_seconds: float = 60.0
+    timeout_seconds: float = 10.0
+    max_concurrent_refreshes: int = 4
+    backoff_initial_seconds: float = 1.0
+    backoff_max_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    name: str
+    host: str
+    port: int
+    target: str
+    provider: str
+    default_account: str | None = None
+    connect_timeout_seconds: float = 5.0
+    read_timeout_seconds: float = 60.0
+    replay_limit_bytes: int = 1024 * 1024
+    retry_statuses: tuple[int, ...] = (401,)
+    require_invalid_token_challenge: bool = False
+    max_connections: int = 100
+
+
+@dataclass(frozen=True)
+class Config:
+    store: StoreConfig
+    admin: AdminConfig
+    providers: tuple[ProviderConfig, ...]
+    upstreams: tuple[UpstreamConfig, ...]
+    shutdown_timeout_seconds: float = 10.0
+    log_level: str = "info"
+
+    def provider(self, name: str) -> ProviderConfig:
+        return next(p for p in self.providers if p.name == name)
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Pulls typed values out of one TOML table, recording problems under its key path."""
+
+    def __init__(self, table: Mapping[str, Any], path: str, problems: list[str]) -> None:
+        self.table, self.path, self.problems = table, path, problems
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def problem(self, name: str, message: str) -> None:
+        self.problems.append(f"{self.key(name)}: {message}")
+
+    def get(self, name: str, kind: type[T], default: T | None = None, required: bool = False) -> T:
+        self.seen.add(name)
+        if name not in self.table:
+            if required:
+                self.problem(name, "is required")
+            return default  # type: ignore[return-value]
+        value = self.table[name]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            self.problem(name, f"must be {_KIND_NAMES.get(kind, kind.__name__)}, got {value!r}")
+            return default  # type: ignore[return-value]
+        return value
+
+    def positive(self, name: str, kind: type[T], default: T) -> T:
+        value = self.get(name, kind, default)
+        if value is not None and value <= 0:  # type: ignore[operator]
+            self.problem(name, f"must be greater than 0, got {value!r}")
+        return value
+
+    def finish(self) -> None:
+        for name in sorted(set(self.table) - self.seen):
+            self.problem(name, "unknown key")
+
+
+_KIND_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    list: "a list",
+    dict: "a table",
+}
+
+
+def load(path: str | Path, environ: Mapping[str, str]) -> Config:
+    """Read and validate a config file; raise ConfigError listing every problem."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    return parse(raw, environ, base_dir=Path(path).parent)
+
+
+def parse(raw: Mapping[str, Any], environ: Mapping[str, str], base_dir: Path) -> Config:
+    problems: list[str] = []
+    top = _Reader(raw, "", problems)
+    store = _store(_table(top, "store", required=True), problems, base_dir)
+    admin = _admin(_table(top, "admin"), problems)
+    sidecar = _Reader(_table(top, "sidecar"), "sidecar", problems)
+    shutdown = sidecar.positive("shutdown_timeout_seconds", float, 10.0)
+    log_level = sidecar.get("log_level", str, "info")
+    if log_level not in ("debug", "info", "warning", "error"):
+        sidecar.problem("log_level", "must be one of debug, info, warning, error")
+    sidecar.finish()
+    providers = tuple(
+        _provider(t, f"provider[{i}]", problems, environ, base_dir)
+        for i, t in enumerate(_tables(top, "provider"))
+    )
+    upstreams = tuple(
+        _upstream(t, f"upstream[{i}]", problems) for i, t in enumerate(_tables(top, "upstream"))
+    )
+    _cross_check(providers, upstreams, admin, problems)
+    top.finish()
+    if problems:
+        raise ConfigError(problems)
+    return Config(store, admin, providers, upstreams, shutdown, log_level)
+
+
+def _table(top: _Reader, name: str, required: bool = False) -> dict[str, Any]:
+    return top.get(name, dict, {}, required=required) or {}
+
+
+def _tables(top: _Reader, name: str) -> list[dict[str, Any]]:
+    items = top.get(name, list, [])
+    good = [t for t in items if isinstance(t, dict)]
+    if len(good) != len(items):
+        top.problem(name, f"must be an array of tables ([[{name}]])")
+    return good
+
+
+def _store(table: dict[str, Any], problems: list[str], base_dir: Path) -> StoreConfig:
+    r = _Reader(table, "store", problems)
+    url = r.get("url", str, "sqlite:///var/lib/sidecar/tokens.db")
+    if not url.startswith(("sqlite://", "postgresql://", "postgres://", "memory://")):
+        r.problem("url", "must start with sqlite://, postgresql:// or memory://")
+    key_file = r.get("key_file", str, "", required=True)
+    keys: tuple[bytes, ...] = ()
+    if key_file:
+        keys = _read_keys(_resolve(key_file, base_dir), r)
+    r.finish()
+    return StoreConfig(url, key_file, keys)
+
+
+def _read_keys(path: Path, r: _Reader) -> tuple[bytes, ...]:
+    text = _read_secret_file(path, "key_file", r)
+    if text is None:
+        return ()
+    keys = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            key = base64.urlsafe_b64decode(line.strip())
+        except (binascii.Error, ValueError):
+            key = b""
+        if len(key) != 32:
+            r.problem(
+                "key_file",
+                f"line {n} is not a base64-encoded 32-byte key "
+                "(make one with `sidecar keys generate`)",
+            )
+            continue
+        keys.append(key)
+    if not keys and text is not None and not r.problems:
+        r.problem("key_file", "holds no key (make one with `sidecar keys generate`)")
+    return tuple(keys)
+
+
+def _read_secret_file(path: Path, name: str, r: _Reader) -> str | None:
+    try:
+        mode = path.stat().st_mode
+        if mode & stat.S_IROTH:
+            r.problem(name, f"{path} is readable by every user; chmod o-rwx it")
+            return None
+        return path.read_text()
+    except FileNotFoundError:
+        r.problem(name, f"{path} does not exist")
+    except OSError as exc:
+        r.problem(name, f"{path}: cannot read: {exc.strerror}")
+    return None
+
+
+def _resolve(name: str, base_dir: Path) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() else base_dir / path
+
+
+def _admin(table: dict[str, Any], problems: list[str]) -> AdminConfig:
+    r = _Reader(table, "admin", problems)
+    host, port = _listen(r, "127.0.0.1:9901")
+    r.finish()
+    return AdminConfig(host, port)
+
+
+def _listen(r: _Reader, default: str) -> tuple[str, int]:
+    """Parse ``host:port``; a non-loopback host needs ``allow_non_loopback = true``."""
+    listen = r.get("listen", str, default)
+    allow_remote = r.get("allow_non_loopback", bool, False)
+    host, _, port_text = listen.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        r.problem("listen", f"must be host:port, got {listen!r}")
+        return "127.0.0.1", 0
+    if not _is_loopback(host) and not allow_remote:
+        r.problem(
+            "listen",
+            f"{host} is not a loopback address; set allow_non_loopback = true "
+            "to expose this listener beyond the pod",
+        )
+    return host, int(port_text)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _provider(
+    table: dict[str, Any],
+    path: str,
+    problems: list[str],
+    environ: Mapping[str, str],
+    base_dir: Path,
+) -> ProviderConfig:
+    r = _Reader(table, path, problems)
+    name = r.get("name", str, "", required=True)
+    token_url = r.get("token_url", str, "", required=True)
+    if token_url and not _is_http_url(token_url):
+        r.problem("token_url", f"must be an http(s) URL, got {token_url!r}")
+    grant = r.get("grant", str, "refresh_token")
+    if grant not in GRANTS:
+        r.problem("grant", f"must be one of {', '.join(GRANTS)}, got {grant!r}")
+    auth_method = r.get("auth_method", str, "client_secret_basic")
+    if auth_method not in AUTH_METHODS:
+        r.problem("auth_method", f"must be one of {', '.join(AUTH_METHODS)}, got {auth_method!r}")
+    secret = _client_secret(r, environ, base_dir)
+    has_secret_key = "client_secret_file" in table or "client_secret_env" in table
+    if not has_secret_key and auth_method != "none":
+        r.problem(
+            "client_secret_file",
+            "set client_secret_file or client_secret_env "
+            '(or auth_method = "none" for a public client)',
+        )
+    scopes = r.get("scopes", list, [])
+    if not all(isinstance(s, str) for s in scopes):
+        r.problem("scopes", "must be a list of strings")
+    extra = r.get("extra_params", dict, {})
+    if not all(isinstance(v, str) for v in extra.values()):
+        r.problem("extra_params", "values must be strings")
+    provider = ProviderConfig(
+        name=name,
+        token_url=token_url,
+        grant=grant,
+        client_id=r.get("client_id", str, "", required=True),
+        client_secret=secret,
+        auth_method=auth_method,
+        scopes=tuple(scopes),
+        extra_params=tuple(sorted(extra.items())),
+        refresh_skew_seconds=r.positive("refresh_skew_seconds", float, 60.0),
+        timeout_seconds=r.positive("timeout_seconds", float, 10.0),
+        max_concurrent_refreshes=r.positive("max_concurrent_refreshes", int, 4),
+        backoff_initial_seconds=r.positive("backoff_initial_seconds", float, 1.0),
+        backoff_max_seconds=r.positive("backoff_max_seconds", float, 300.0),
+    )
+    r.finish()
+    return provider
+
+
+def _client_secret(r: _Reader, environ: Mapping[str, str], base_dir: Path) -> str | None:
+    secret_file = r.get("client_secret_file", str)
+    secret_env = r.get("client_secret_env", str)
+    if secret_file and secret_env:
+        r.problem("client_secret_file", "set client_secret_file or client_secret_env, not both")
+        return None
+    if secret_env:
+        if secret_env not in environ:
+            r.problem("client_secret_env", f"environment variable {secret_env} is not set")
+            return None
+        return environ[secret_env]
+    if secret_file:
+        text = _read_secret_file(_resolve(secret_file, base_dir), "client_secret_file", r)
+        return text.strip() if text is not None else ""
+    return None
+
+
+def _upstream(table: dict[str, Any], path: str, problems: list[str]) -> UpstreamConfig:
+    r = _Reader(table, path, problems)
+    host, port = _listen(r, "")
+    target = r.get("target", str, "", required=True)
+    if target and not _is_http_url(target):
+        r.problem("target", f"must be an http(s) URL without query or fragment, got {target!r}")
+    statuses = r.get("retry_statuses", list, [401])
+    if not all(isinstance(s, int) and 400 <= s <= 599 for s in statuses):
+        r.problem("retry_statuses", "must be a list of HTTP status codes between 400 and 599")
+    upstream = UpstreamConfig(
+        name=r.get("name", str, "", required=True),
+        host=host,
+        port=port,
+        target=target.rstrip("/"),
+        provider=r.get("provider", str, "", required=True),
+        default_account=r.get("default_account", str),
+        connect_timeout_seconds=r.positive("connect_timeout_seconds", float, 5.0),
+        read_timeout_seconds=r.positive("read_timeout_seconds", float, 60.0),
+        replay_limit_bytes=r.get("replay_limit_bytes", int, 1024 * 1024),
+        retry_statuses=tuple(statuses),
+        require_invalid_token_challenge=r.get("require_invalid_token_challenge", bool, False),
+        max_connections=r.positive("max_connections", int, 100),
+    )
+    if upstream.replay_limit_bytes is not None and upstream.replay_limit_bytes < 0:
+        r.problem("replay_limit_bytes", "must be 0 or more")
+    if "listen" not in table:
+        r.problem("listen", "is required")
+    r.finish()
+    return upstream
+
+
+def _is_http_url(url: str) -> bool:
+    parts = urlsplit(url)
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and not (parts.query or parts.fragment)
+    )
+
+
+def _cross_check(
+    providers: tuple[ProviderConfig, ...],
+    upstreams: tuple[UpstreamConfig, ...],
+    admin: AdminConfig,
+    problems: list[str],
+) -> None:
+    names = [p.name for p in providers]
+    for i, name in enumerate(names):
+        if name and names.index(name) != i:
+            problems.append(f"provider[{i}].name: duplicate provider name {name!r}")
+    if not upstreams:
+        problems.append("upstream: at least one [[upstream]] is required")
+    seen_listens = {(admin.host, admin.port): "admin.listen"}
+    for i, up in enumerate(upstreams):
+        if up.provider and up.provider not in names:
+            problems.append(f"upstream[{i}].provider: no provider named {up.provider!r}")
+        where = seen_listens.setdefault((up.host, up.port), f"upstream[{i}].listen")
+        if up.port and where != f"upstream[{i}].listen":
+            problems.append(f"upstream[{i}].listen: {up.host}:{up.port} is also {where}")

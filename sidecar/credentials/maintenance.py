@@ -1,0 +1,98 @@
+"""Operator tasks on stored credentials: importing first token pairs and rotating keys."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from sidecar.credentials.codec import seal, unseal
+from sidecar.crypto import TokenCipher
+from sidecar.errors import SidecarError
+from sidecar.model import Credential, Token
+from sidecar.store import TokenStore
+
+
+class BadImport(SidecarError):
+    """Some lines of an import are bad; ``problems`` names each by line number."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(f"{len(problems)} bad line(s)")
+        self.problems = problems
+
+
+def parse_import(
+    lines: Iterable[str], provider: str, now: float, need_refresh_token: bool
+) -> list[Credential]:
+    """Validate every line first, so a bad line means nothing is imported."""
+    creds: dict[str, Credential] = {}
+    problems: list[str] = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            cred = _parse_line(line, provider, now, need_refresh_token)
+        except ValueError as exc:
+            problems.append(f"line {n}: {exc}")
+            continue
+        if cred.account in creds:
+            problems.append(f"line {n}: account {cred.account!r} appears twice")
+        creds[cred.account] = cred
+    if problems:
+        raise BadImport(problems)
+    return list(creds.values())
+
+
+def _parse_line(line: str, provider: str, now: float, need_refresh_token: bool) -> Credential:
+    try:
+        data: Any = json.loads(line)
+    except ValueError:
+        raise ValueError("not a JSON object") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    unknown = set(data) - {"account", "access_token", "refresh_token", "expires_in", "scope"}
+    if unknown:
+        raise ValueError(f"unknown field(s): {', '.join(sorted(unknown))}")
+    for field in ("account", "access_token"):
+        if not isinstance(data.get(field), str) or not data[field]:
+            raise ValueError(f"{field} must be a non-empty string")
+    refresh = data.get("refresh_token")
+    if refresh is not None and (not isinstance(refresh, str) or not refresh):
+        raise ValueError("refresh_token must be a non-empty string")
+    if refresh is None and need_refresh_token:
+        raise ValueError("refresh_token is required for a refresh_token provider")
+    expires_in = data.get("expires_in")
+    if expires_in is not None and (
+        isinstance(expires_in, bool) or not isinstance(expires_in, int | float) or expires_in < 0
+    ):
+        raise ValueError("expires_in must be a number of seconds, 0 or more")
+    token = Token(
+        access_token=data["access_token"],
+        refresh_token=refresh,
+        expires_at=None if expires_in is None else now + expires_in,
+        scope=data.get("scope") if isinstance(data.get("scope"), str) else None,
+    )
+    return Credential(provider, data["account"], token, version=0, refreshed_at=now)
+
+
+async def import_credentials(
+    store: TokenStore, cipher: TokenCipher, creds: list[Credential]
+) -> None:
+    """Write every pair in one transaction; an account that existed is replaced and reactivated."""
+    await store.upsert_many([seal(cipher, c) for c in creds])
+
+
+async def rotate_keys(store: TokenStore, cipher: TokenCipher) -> int:
+    """Re-encrypt every row not already under the first key; returns how many changed.
+
+    Each row is written with compare-and-swap, so a refresh that lands meanwhile wins and
+    its row (already encrypted with the first key) is left alone.
+    """
+    changed = 0
+    for row in await store.rows():
+        if row.key_id == cipher.current_key_id:
+            continue
+        resealed = seal(cipher, unseal(cipher, row))
+        if await store.compare_and_swap(resealed, row.version):
+            changed += 1
+    return changed

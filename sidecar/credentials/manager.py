@@ -1,0 +1,261 @@
+"""The current token of every account, refreshed single-flight.
+
+``current()`` is the hot path: a dict lookup and a freshness check. A STALE or INVALID token is
+refreshed before it is handed out; ``refresh(failed=...)`` is called when the upstream rejected
+a token. One refresh per account runs at a time ("a flight"): every caller that needs the same
+account meanwhile awaits that flight instead of starting its own. A flight runs as its own
+task, so a request that goes away cannot cancel a refresh halfway through a rotation.
+
+Inside a flight: reload the row (another process may have refreshed it), decide again by the
+token that failed, call the token endpoint, persist the new pair (compare-and-swap on the row's
+version), and only then hand the new token out. A rotated-away refresh token is never sent
+again, because the next flight reads the pair from the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from sidecar.config import CLIENT_CREDENTIALS_ACCOUNT, ProviderConfig
+from sidecar.credentials.codec import seal, unseal
+from sidecar.crypto import TokenCipher
+from sidecar.errors import (
+    FatalGrantError,
+    ReauthorizationRequired,
+    StoreError,
+    TokenUnavailable,
+    TransientGrantError,
+    UnknownAccount,
+)
+from sidecar.grants import Grant
+from sidecar.metrics import Metrics
+from sidecar.model import AccountState, Clock, Credential, Token, TokenState, fingerprint
+from sidecar.store import TokenStore
+from sidecar.tasks import Tasks
+
+log = logging.getLogger(__name__)
+Key = tuple[str, str]  # (provider, account)
+
+
+@dataclass(slots=True)
+class Backoff:
+    failures: int
+    retry_at: float
+
+
+class CredentialManager:
+    def __init__(
+        self,
+        store: TokenStore,
+        cipher: TokenCipher,
+        grants: Mapping[str, Grant],
+        providers: Mapping[str, ProviderConfig],
+        metrics: Metrics,
+        clock: Clock,
+        tasks: Tasks,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._store, self._cipher, self._grants = store, cipher, grants
+        self._providers, self._metrics, self._clock = providers, metrics, clock
+        self._tasks, self._rng = tasks, rng or random.Random()
+        self._cache: dict[Key, Credential] = {}
+        self._flights: dict[Key, asyncio.Future[Credential]] = {}
+        self._backoff: dict[Key, Backoff] = {}
+        self._unsaved: dict[Key, Credential] = {}  # new pairs whose write failed: never lose them
+        self._limits = {
+            name: asyncio.Semaphore(p.max_concurrent_refreshes) for name, p in providers.items()
+        }
+
+    def account_for(self, provider: str, requested: str | None) -> str | None:
+        """The account a request means; client_credentials providers have exactly one."""
+        if self._providers[provider].grant == "client_credentials":
+            return requested or CLIENT_CREDENTIALS_ACCOUNT
+        return requested
+
+    async def current(self, provider: str, account: str) -> Token:
+        """A token that is safe to inject now; refreshes first when it is STALE or INVALID."""
+        cred = self._cache.get((provider, account)) or await self._load(provider, account)
+        if cred.state is AccountState.REAUTHORIZATION_REQUIRED:
+            raise ReauthorizationRequired(cred.state_reason or "unknown", cred.state_changed_at)
+        skew = self._providers[provider].refresh_skew_seconds
+        if cred.token.state(self._clock(), skew) is TokenState.FRESH:
+            return cred.token
+        return await self.refresh(provider, account, failed=None)
+
+    async def refresh(self, provider: str, account: str, failed: Token | None) -> Token:
+        """Join or start the account's refresh flight and return the token to use.
+
+        ``failed`` is the token the upstream just rejected: refresh only if it is still the
+        current one; otherwise a newer token exists already and is returned as is.
+        """
+        key = (provider, account)
+        flight = self._flights.get(key)
+        if flight is not None:
+            self._metrics.coalesced.labels(provider).inc()
+        else:
+            flight = self._tasks.spawn(self._fly(key, failed), name=f"refresh {provider}")
+            self._flights[key] = flight
+            flight.add_done_callback(lambda _: self._flights.pop(key, None))
+        try:
+            return (await asyncio.shield(flight)).token
+        except TransientGrantError as exc:
+            return self._fallback(key, failed, exc)
+
+    def _fallback(self, key: Key, failed: Token | None, exc: TransientGrantError) -> Token:
+        """After a transient failure: keep using an unexpired token the upstream did not reject."""
+        cred = self._cache.get(key)
+        now = self._clock()
+        usable = cred is not None and cred.token.state(now, 0) is not TokenState.INVALID
+        if failed is None and cred is not None and usable:
+            return cred.token
+        backoff = self._backoff.get(key)
+        wait = backoff.retry_at - now if backoff else 1.0
+        raise TokenUnavailable(retry_after=max(1, math.ceil(wait))) from exc
+
+    async def _load(self, provider: str, account: str) -> Credential:
+        row = await self._store.get(provider, account)
+        if row is None:
+            if account == CLIENT_CREDENTIALS_ACCOUNT and (
+                self._providers[provider].grant == "client_credentials"
+            ):
+                return Credential(provider, account, Token("", expires_at=0.0), version=0)
+            raise UnknownAccount(f"no account {account!r} for provider {provider!r}")
+        cred = unseal(self._cipher, row)
+        self._cache[(provider, account)] = cred
+        return cred
+
+    def _needs_refresh(self, cred: Credential, failed: Token | None) -> bool:
+        if failed is not None:
+            return cred.token.access_token == failed.access_token
+        skew = self._providers[cred.provider].refresh_skew_seconds
+        return cred.token.state(self._clock(), skew) is not TokenState.FRESH
+
+    async def _fly(self, key: Key, failed: Token | None) -> Credential:
+        provider, account = key
+        cred = await self._load(provider, account)  # another process may have refreshed it
+        if cred.state is AccountState.REAUTHORIZATION_REQUIRED:
+            raise ReauthorizationRequired(cred.state_reason or "unknown", cred.state_changed_at)
+        if not self._needs_refresh(cred, failed):
+            return cred
+        if key in self._unsaved:
+            return await self._save(cred, self._unsaved[key])
+        backoff = self._backoff.get(key)
+        if backoff and self._clock() < backoff.retry_at:
+            raise TransientGrantError("backing off after an earlier failure")
+        async with self._limits[provider]:
+            new_token = await self._call_provider(cred)
+        now = self._clock()
+        fresh = dataclasses.replace(
+            cred,
+            token=cred.token.rotated(new_token),
+            state=AccountState.ACTIVE,
+            state_reason=None,
+            state_changed_at=None,
+            refreshed_at=now,
+        )
+        self._unsaved[key] = fresh
+        return await self._save(cred, fresh)
+
+    async def _call_provider(self, cred: Credential) -> Token:
+        key = (cred.provider, cred.account)
+        metrics = self._metrics
+        start = self._clock()
+        try:
+            with metrics.refresh_latency.labels(cred.provider).time():
+                token = await self._grants[cred.provider].fetch(cred.token)
+        except FatalGrantError as exc:
+            metrics.refreshes.labels(cred.provider, "fatal_error").inc()
+            await self._mark_reauthorization(cred, exc.error)
+            raise ReauthorizationRequired(exc.error, start) from exc
+        except TransientGrantError as exc:
+            metrics.refreshes.labels(cred.provider, "transient_error").inc()
+            self._back_off(key, exc)
+            raise
+        metrics.refreshes.labels(cred.provider, "success").inc()
+        self._backoff.pop(key, None)
+        log.info(
+            "token_refreshed",
+            extra={
+                "provider": cred.provider,
+                "account": cred.account,
+                "access_fp": fingerprint(token.access_token),
+                "rotated": token.refresh_token is not None,
+            },
+        )
+        return token
+
+    async def _save(self, old: Credential, new: Credential) -> Credential:
+        """Persist a new pair before anyone uses it (compare-and-swap on the version)."""
+        key = (new.provider, new.account)
+        try:
+            if old.version == 0:
+                await self._store.upsert_many([seal(self._cipher, new)])
+                saved = True
+            else:
+                saved = await self._store.compare_and_swap(seal(self._cipher, new), old.version)
+        except StoreError as exc:
+            log.error(
+                "token_save_failed",
+                extra={"provider": new.provider, "account": new.account, "error": str(exc)},
+            )
+            raise TransientGrantError("cannot persist the new token pair") from exc
+        del self._unsaved[key]
+        if not saved:
+            # Someone else (an import, another process) wrote a newer pair: theirs wins.
+            log.warning(
+                "token_save_conflict", extra={"provider": new.provider, "account": new.account}
+            )
+            return await self._load(new.provider, new.account)
+        stored = dataclasses.replace(new, version=old.version + 1)
+        self._cache[key] = stored
+        return stored
+
+    def _back_off(self, key: Key, exc: TransientGrantError) -> None:
+        """Exponential backoff with full jitter; a provider's Retry-After is a floor."""
+        provider = self._providers[key[0]]
+        failures = self._backoff[key].failures + 1 if key in self._backoff else 1
+        ceiling = min(
+            provider.backoff_max_seconds, provider.backoff_initial_seconds * 2 ** (failures - 1)
+        )
+        delay = max(self._rng.uniform(ceiling / 2, ceiling), exc.retry_after or 0.0)
+        self._backoff[key] = Backoff(failures, self._clock() + delay)
+        log.warning(
+            "token_refresh_failed",
+            extra={
+                "provider": key[0],
+                "account": key[1],
+                "reason": exc.reason,
+                "outcome_unknown": exc.outcome_unknown,
+                "retry_in_seconds": round(delay, 3),
+            },
+        )
+
+    async def _mark_reauthorization(self, cred: Credential, reason: str) -> None:
+        now = self._clock()
+        await self._store.set_state(
+            cred.provider, cred.account, AccountState.REAUTHORIZATION_REQUIRED.value, reason, now
+        )
+        self._cache[(cred.provider, cred.account)] = dataclasses.replace(
+            cred,
+            state=AccountState.REAUTHORIZATION_REQUIRED,
+            state_reason=reason,
+            state_changed_at=now,
+        )
+        log.warning(
+            "account_needs_reauthorization",
+            extra={"provider": cred.provider, "account": cred.account, "reason": reason},
+        )
+
+    async def reset_client_credentials(self) -> None:
+        """A client_credentials failure is fixed in config, so a restart clears its mark."""
+        for name, provider in self._providers.items():
+            if provider.grant == "client_credentials":
+                await self._store.set_state(
+                    name, CLIENT_CREDENTIALS_ACCOUNT, AccountState.ACTIVE.value, None, self._clock()
+                )

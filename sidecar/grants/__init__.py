@@ -1,0 +1,20 @@
+"""Ways to get tokens from a provider's token endpoint."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from sidecar.config import ProviderConfig
+from sidecar.grants.base import Grant, TokenEndpoint
+from sidecar.grants.client_credentials import ClientCredentialsGrant
+from sidecar.grants.refresh_token import RefreshTokenGrant
+from sidecar.model import Clock
+
+__all__ = ["Grant", "TokenEndpoint", "make_grant"]
+
+
+def make_grant(session: aiohttp.ClientSession, provider: ProviderConfig, clock: Clock) -> Grant:
+    endpoint = TokenEndpoint(session, provider, clock)
+    if provider.grant == "client_credentials":
+        return ClientCredentialsGrant(endpoint, provider.scopes)
+    return RefreshTokenGrant(endpoint, provider.scopes)

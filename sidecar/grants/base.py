@@ -1,0 +1,152 @@
+"""Talking to a token endpoint: client authentication, RFC 6749 §5.1/§5.2 parsing, error classes.
+
+Every way a provider can answer is classified at one seam, ``classify``: a token, a fatal error
+(the grant or client is dead: mark the account, never retry by ourselves), or a transient error
+(back off and retry). Errors are read from the JSON ``error`` field, never by substring.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Mapping
+from typing import Any, Protocol
+from urllib.parse import quote_plus
+
+import aiohttp
+
+from sidecar.config import ProviderConfig
+from sidecar.errors import FatalGrantError, TransientGrantError
+from sidecar.model import Clock, Token
+
+# RFC 6749 §5.2 codes that no retry can fix: the grant or the client itself is rejected.
+FATAL_ERRORS = frozenset(
+    {
+        "invalid_grant",
+        "invalid_client",
+        "unauthorized_client",
+        "unsupported_grant_type",
+        "invalid_scope",
+    }
+)
+
+
+class Grant(Protocol):
+    """One way of getting a token pair from a provider."""
+
+    async def fetch(self, current: Token | None) -> Token:
+        """A new token; raises FatalGrantError or TransientGrantError."""
+
+
+class TokenEndpoint:
+    """POSTs grant parameters with the client's credentials and parses the answer."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, provider: ProviderConfig, clock: Clock
+    ) -> None:
+        self._session = session
+        self._provider = provider
+        self._clock = clock
+        self._timeout = aiohttp.ClientTimeout(total=provider.timeout_seconds)
+
+    async def request(self, params: Mapping[str, str]) -> Token:
+        form, headers = self._authenticate(dict(params))
+        form.update(self._provider.extra_params)
+        received_at = self._clock()  # expiry counts from the request, erring early
+        try:
+            async with self._session.post(
+                self._provider.token_url,
+                data=form,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as resp:
+                body = await resp.read()
+                return classify(resp.status, resp.headers, body, received_at)
+        except aiohttp.ClientConnectorError as exc:
+            raise TransientGrantError(f"cannot connect: {exc.os_error}") from None
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            # The request may have been processed: the provider may have rotated already.
+            raise TransientGrantError("timed out", outcome_unknown=True) from None
+        except aiohttp.ClientError as exc:
+            raise TransientGrantError(
+                f"connection failed: {type(exc).__name__}", outcome_unknown=True
+            ) from None
+
+    def _authenticate(self, form: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+        """Client authentication, RFC 6749 §2.3.1."""
+        p = self._provider
+        headers = {"Accept": "application/json"}
+        if p.auth_method == "client_secret_basic":
+            # The id and secret are form-urlencoded before base64 (§2.3.1).
+            pair = f"{quote_plus(p.client_id)}:{quote_plus(p.client_secret or '')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+        elif p.auth_method == "client_secret_post":
+            form["client_id"], form["client_secret"] = p.client_id, p.client_secret or ""
+        else:
+            form["client_id"] = p.client_id
+        return form, headers
+
+
+def classify(status: int, headers: Mapping[str, str], body: bytes, received_at: float) -> Token:
+    """Turn a token endpoint's answer into a Token or a classified error."""
+    data = _json_object(body)
+    if status == 200:
+        if data is None:
+            raise TransientGrantError("token response is not a JSON object")
+        return _token(data, received_at)
+    error = data.get("error") if data else None
+    if status in (400, 401) and isinstance(error, str):
+        description = data.get("error_description") if data else None
+        if error in FATAL_ERRORS:
+            raise FatalGrantError(error, description if isinstance(description, str) else "")
+        raise TransientGrantError(f"token endpoint error {error!r} (HTTP {status})")
+    raise TransientGrantError(
+        f"token endpoint answered HTTP {status}", retry_after=_retry_after(headers)
+    )
+
+
+def _json_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _token(data: dict[str, Any], received_at: float) -> Token:
+    """RFC 6749 §5.1; anything missing or malformed is an incomplete answer (transient)."""
+    access = data.get("access_token")
+    token_type = data.get("token_type", "Bearer")
+    refresh = data.get("refresh_token")
+    expires_in = data.get("expires_in")
+    scope = data.get("scope")
+    if not isinstance(access, str) or not access:
+        raise TransientGrantError("token response has no access_token")
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        raise TransientGrantError(f"token response has unsupported token_type {token_type!r}")
+    if refresh is not None and (not isinstance(refresh, str) or not refresh):
+        raise TransientGrantError("token response has a malformed refresh_token")
+    return Token(
+        access_token=access,
+        refresh_token=refresh,
+        expires_at=None if expires_in is None else received_at + _seconds(expires_in),
+        scope=scope if isinstance(scope, str) else None,
+    )
+
+
+def _seconds(expires_in: object) -> float:
+    # Some providers send expires_in as a string; accept any finite non-negative number.
+    try:
+        value = float(expires_in)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        value = math.nan
+    if isinstance(expires_in, bool) or not math.isfinite(value) or value < 0:
+        raise TransientGrantError(f"token response has a malformed expires_in {expires_in!r}")
+    return value
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    value = headers.get("Retry-After", "")
+    return float(value) if value.isdigit() else None

@@ -1,0 +1,62 @@
+"""An in-memory store: for tests and for throwaway runs (``memory://``). Nothing survives exit."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+from sidecar.store.base import StoredRow
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._rows: dict[tuple[str, str], StoredRow] = {}
+
+    async def get(self, provider: str, account: str) -> StoredRow | None:
+        return self._rows.get((provider, account))
+
+    async def upsert_many(self, rows: list[StoredRow]) -> None:
+        for row in rows:
+            old = self._rows.get((row.provider, row.account))
+            self._rows[(row.provider, row.account)] = dataclasses.replace(
+                row,
+                version=old.version + 1 if old else 1,
+                state="active",
+                state_reason=None,
+                state_changed_at=None,
+            )
+
+    async def compare_and_swap(self, row: StoredRow, expected_version: int) -> bool:
+        old = self._rows.get((row.provider, row.account))
+        if old is None or old.version != expected_version:
+            return False
+        self._rows[(row.provider, row.account)] = dataclasses.replace(
+            old,
+            key_id=row.key_id,
+            ciphertext=row.ciphertext,
+            expires_at=row.expires_at,
+            refreshed_at=row.refreshed_at,
+            version=expected_version + 1,
+        )
+        return True
+
+    async def set_state(
+        self, provider: str, account: str, state: str, reason: str | None, at: float
+    ) -> None:
+        old = self._rows.get((provider, account))
+        if old is not None:
+            self._rows[(provider, account)] = dataclasses.replace(
+                old, state=state, state_reason=reason, state_changed_at=at
+            )
+
+    async def rows(self, provider: str | None = None) -> list[StoredRow]:
+        return [r for _, r in sorted(self._rows.items()) if provider in (None, r.provider)]
+
+    async def count_by_state(self) -> dict[tuple[str, str], int]:
+        return dict(Counter((r.provider, r.state) for r in self._rows.values()))
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None

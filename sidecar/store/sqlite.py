@@ -1,0 +1,199 @@
+"""SQLite store (aiosqlite): the embedded default.
+
+WAL mode so readers never block the writer; a busy timeout so several sidecar processes can
+share one file; ``PRAGMA user_version`` numbers the schema so later releases can migrate it.
+One connection serves the process; an asyncio lock keeps multi-statement transactions from
+interleaving on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from sidecar.errors import StoreError
+from sidecar.store.base import StoredRow
+
+# Each entry upgrades the schema by one version; never edit one that has shipped.
+MIGRATIONS = (
+    """
+    CREATE TABLE credentials (
+        provider TEXT NOT NULL,
+        account TEXT NOT NULL,
+        key_id TEXT NOT NULL,
+        ciphertext BLOB NOT NULL,
+        expires_at REAL,
+        version INTEGER NOT NULL,
+        state TEXT NOT NULL DEFAULT 'active',
+        state_reason TEXT,
+        state_changed_at REAL,
+        refreshed_at REAL,
+        PRIMARY KEY (provider, account)
+    ) WITHOUT ROWID;
+    CREATE INDEX credentials_expiry ON credentials (provider, expires_at);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+COLUMNS = (
+    "provider, account, key_id, ciphertext, expires_at, version, state, state_reason, "
+    "state_changed_at, refreshed_at"
+)
+
+
+class SQLiteStore:
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+        self._tx_lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, path: str, busy_timeout_ms: int = 10_000) -> SQLiteStore:
+        try:
+            await asyncio.to_thread(_create_private, Path(path))
+            conn = await aiosqlite.connect(path, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open SQLite database {path}: {exc}") from exc
+        store = cls(conn)
+        try:
+            await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            await conn.execute("PRAGMA journal_mode = WAL")
+            await conn.execute("PRAGMA synchronous = NORMAL")
+            await store._migrate()
+        except sqlite3.Error as exc:
+            await conn.close()
+            raise StoreError(f"cannot prepare SQLite database {path}: {exc}") from exc
+        return store
+
+    async def _migrate(self) -> None:
+        async with self._transaction() as conn:
+            async with conn.execute("PRAGMA user_version") as cur:
+                row = await cur.fetchone()
+            current = int(row[0]) if row else 0
+            if current > SCHEMA_VERSION:
+                raise StoreError(
+                    f"database schema version {current} is newer than this "
+                    f"release understands ({SCHEMA_VERSION}); upgrade the sidecar"
+                )
+            for script in MIGRATIONS[current:]:
+                for statement in filter(str.strip, script.split(";")):
+                    await conn.execute(statement)
+            await conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._tx_lock:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                await self._conn.execute("ROLLBACK")
+                raise
+            await self._conn.execute("COMMIT")
+
+    async def _fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        try:
+            async with self._conn.execute(sql, params) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite read failed: {exc}") from exc
+
+    async def get(self, provider: str, account: str) -> StoredRow | None:
+        rows = await self._fetch(
+            f"SELECT {COLUMNS} FROM credentials WHERE provider = ? AND account = ?",
+            (provider, account),
+        )
+        return StoredRow(*rows[0]) if rows else None
+
+    async def upsert_many(self, rows: list[StoredRow]) -> None:
+        params = [
+            (r.provider, r.account, r.key_id, r.ciphertext, r.expires_at, r.refreshed_at)
+            for r in rows
+        ]
+        try:
+            async with self._transaction() as conn:
+                await conn.executemany(
+                    "INSERT INTO credentials (provider, account, key_id, ciphertext, expires_at, "
+                    "refreshed_at, version) VALUES (?, ?, ?, ?, ?, ?, 1) "
+                    "ON CONFLICT (provider, account) DO UPDATE SET key_id = excluded.key_id, "
+                    "ciphertext = excluded.ciphertext, expires_at = excluded.expires_at, "
+                    "refreshed_at = excluded.refreshed_at, version = credentials.version + 1, "
+                    "state = 'active', state_reason = NULL, state_changed_at = NULL",
+                    params,
+                )
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite write failed: {exc}") from exc
+
+    async def _write(self, sql: str, params: tuple[Any, ...]) -> int:
+        """Run one write statement; the lock keeps it out of another coroutine's transaction."""
+        try:
+            async with self._tx_lock, self._conn.execute(sql, params) as cur:
+                return cur.rowcount
+        except sqlite3.Error as exc:
+            raise StoreError(f"SQLite write failed: {exc}") from exc
+
+    async def compare_and_swap(self, row: StoredRow, expected_version: int) -> bool:
+        changed = await self._write(
+            "UPDATE credentials SET key_id = ?, ciphertext = ?, expires_at = ?, "
+            "refreshed_at = ?, version = version + 1 "
+            "WHERE provider = ? AND account = ? AND version = ?",
+            (
+                row.key_id,
+                row.ciphertext,
+                row.expires_at,
+                row.refreshed_at,
+                row.provider,
+                row.account,
+                expected_version,
+            ),
+        )
+        return changed == 1
+
+    async def set_state(
+        self, provider: str, account: str, state: str, reason: str | None, at: float
+    ) -> None:
+        await self._write(
+            "UPDATE credentials SET state = ?, state_reason = ?, state_changed_at = ? "
+            "WHERE provider = ? AND account = ?",
+            (state, reason, at, provider, account),
+        )
+
+    async def rows(self, provider: str | None = None) -> list[StoredRow]:
+        if provider is None:
+            found = await self._fetch(
+                f"SELECT {COLUMNS} FROM credentials ORDER BY provider, account"
+            )
+        else:
+            found = await self._fetch(
+                f"SELECT {COLUMNS} FROM credentials WHERE provider = ? ORDER BY account",
+                (provider,),
+            )
+        return [StoredRow(*r) for r in found]
+
+    async def count_by_state(self) -> dict[tuple[str, str], int]:
+        found = await self._fetch(
+            "SELECT provider, state, count(*) FROM credentials GROUP BY provider, state"
+        )
+        return {(p, s): n for p, s, n in found}
+
+    async def ping(self) -> None:
+        await self._fetch("SELECT 1")
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+
+def sqlite_path(url: str) -> str:
+    """``sqlite:///var/lib/x.db`` -> ``/var/lib/x.db``; ``sqlite://x.db`` -> ``x.db``."""
+    return url.removeprefix("sqlite://")
+
+
+def _create_private(file: Path) -> None:
+    """Create the database file readable by its owner only: even ciphertext stays private."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    if not file.exists():
+        file.touch(mode=0o600)
