@@ -137,6 +137,10 @@ class CredentialManager:
         return cred.token.state(self._clock(), skew) is not TokenState.FRESH
 
     async def _fly(self, key: Key, failed: Token | None) -> Credential:
+        async with self._store.hold(*key):
+            return await self._fly_locked(key, failed)
+
+    async def _fly_locked(self, key: Key, failed: Token | None) -> Credential:
         provider, account = key
         cred = await self._load(provider, account)  # another process may have refreshed it
         if cred.state is AccountState.REAUTHORIZATION_REQUIRED:

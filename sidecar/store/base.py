@@ -6,6 +6,7 @@ can never overwrite a newer pair. Backends translate their own exceptions into `
 
 from __future__ import annotations
 
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -52,6 +53,13 @@ class TokenStore(Protocol):
 
     async def count_by_state(self) -> dict[tuple[str, str], int]:
         """Number of accounts per (provider, state)."""
+
+    def hold(self, provider: str, account: str) -> AbstractAsyncContextManager[None]:
+        """Exclusive right to refresh one account, across every process sharing the store.
+
+        Held for the whole refresh (however slow the token endpoint), released when the
+        holder exits the block or dies. Waiters block until it is free, without polling.
+        """
 
     async def ping(self) -> None:
         """Raise StoreError when the store cannot be reached."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from contextlib import AbstractAsyncContextManager
+
 import dataclasses
 from collections import Counter
 
@@ -54,6 +57,10 @@ class MemoryStore:
 
     async def count_by_state(self) -> dict[tuple[str, str], int]:
         return dict(Counter((r.provider, r.state) for r in self._rows.values()))
+
+    def hold(self, provider: str, account: str) -> AbstractAsyncContextManager[None]:
+        # One process only: the credential manager's in-process single-flight suffices.
+        return contextlib.nullcontext()
 
     async def ping(self) -> None:
         return None

@@ -8,6 +8,9 @@ interleaving on it.
 
 from __future__ import annotations
 
+import contextlib
+from contextlib import AbstractAsyncContextManager
+
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
@@ -179,6 +182,10 @@ class SQLiteStore:
             "SELECT provider, state, count(*) FROM credentials GROUP BY provider, state"
         )
         return {(p, s): n for p, s, n in found}
+
+    def hold(self, provider: str, account: str) -> AbstractAsyncContextManager[None]:
+        # One process only: the credential manager's in-process single-flight suffices.
+        return contextlib.nullcontext()
 
     async def ping(self) -> None:
         await self._fetch("SELECT 1")

@@ -1,0 +1,122 @@
+"""Shared fixtures: real fake servers on 127.0.0.1, a real SQLite file, a manual clock."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from prometheus_client import CollectorRegistry
+
+from sidecar import config as config_module
+from sidecar.app import Sidecar
+from sidecar.credentials.maintenance import import_credentials
+from sidecar.crypto import TokenCipher, generate_key
+from sidecar.model import Credential, Token
+from tests.fakes import FakeTokenEndpoint, FakeUpstream, ManualClock
+
+CLIENT_SECRET = "s3cr3t-client-value"
+
+MakeSidecar = Callable[..., Awaitable[Sidecar]]
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def idp(aiohttp_server: Any) -> AsyncIterator[FakeTokenEndpoint]:
+    fake = FakeTokenEndpoint()
+    server = await aiohttp_server(fake.app())
+    fake.url = str(server.make_url("/token"))  # type: ignore[attr-defined]
+    yield fake
+
+
+@pytest.fixture
+async def api(aiohttp_server: Any) -> AsyncIterator[FakeUpstream]:
+    fake = FakeUpstream()
+    server = await aiohttp_server(fake.app())
+    fake.url = str(server.make_url(""))  # type: ignore[attr-defined]
+    yield fake
+
+
+def write_secret(path: Path, text: str) -> Path:
+    path.write_text(text)
+    os.chmod(path, 0o600)
+    return path
+
+
+@pytest.fixture
+def secrets_dir(tmp_path: Path) -> Path:
+    write_secret(tmp_path / "store.key", generate_key() + "\n")
+    write_secret(tmp_path / "client-secret", CLIENT_SECRET + "\n")
+    return tmp_path
+
+
+def base_config(
+    tmp: Path, token_url: str, target: str, *, provider: dict[str, Any] | None = None,
+    upstream: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    return {
+        "store": {"url": f"sqlite://{tmp / 'tokens.db'}", "key_file": str(tmp / "store.key")},
+        "admin": {"listen": "127.0.0.1:0"},
+        "sidecar": {"shutdown_timeout_seconds": 5},
+        "provider": [{
+            "name": "example", "token_url": token_url, "grant": "refresh_token",
+            "client_id": "client-1", "client_secret_file": str(tmp / "client-secret"),
+            "refresh_skew_seconds": 60, "backoff_initial_seconds": 5,
+            **(provider or {}),
+        }],
+        "upstream": [{
+            "name": "api", "listen": "127.0.0.1:0", "target": target, "provider": "example",
+            "default_account": "main", **(upstream or {}),
+        }],
+    }
+
+
+@pytest.fixture
+async def make_sidecar(
+    secrets_dir: Path, idp: FakeTokenEndpoint, api: FakeUpstream, clock: ManualClock,
+) -> AsyncIterator[MakeSidecar]:
+    started: list[Sidecar] = []
+
+    async def make(**overrides: Any) -> Sidecar:
+        raw = base_config(secrets_dir, idp.url, api.url,  # type: ignore[attr-defined]
+                          provider=overrides.get("provider"), upstream=overrides.get("upstream"))
+        cfg = config_module.parse(raw, {}, secrets_dir)
+        sidecar = await Sidecar.start(cfg, clock=clock, registry=CollectorRegistry(),
+                                      rng=random.Random(7))
+        started.append(sidecar)
+        return sidecar
+
+    yield make
+    for sidecar in started:
+        await sidecar.stop()
+
+
+async def seed(sidecar: Sidecar, idp: FakeTokenEndpoint, api: FakeUpstream, clock: ManualClock,
+               account: str = "main", expires_in: float | None = 3600,
+               provider: str = "example") -> Token:
+    """Import a first token pair the fakes accept, as `sidecar accounts import` would."""
+    access, refresh = idp.grant(account)
+    api.valid.add(access)
+    token = Token(access, refresh, None if expires_in is None else clock() + expires_in)
+    cipher = TokenCipher(sidecar.config.store.keys)
+    await import_credentials(sidecar.store, cipher, [Credential(provider, account, token, 0)])
+    return token
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session
+
+
+def sample(sidecar: Sidecar, name: str, **labels: str) -> float:
+    value = sidecar.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
