@@ -59,38 +59,63 @@ def secrets_dir(tmp_path: Path) -> Path:
 
 
 def base_config(
-    tmp: Path, token_url: str, target: str, *, provider: dict[str, Any] | None = None,
+    tmp: Path,
+    token_url: str,
+    target: str,
+    *,
+    provider: dict[str, Any] | None = None,
     upstream: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "store": {"url": f"sqlite://{tmp / 'tokens.db'}", "key_file": str(tmp / "store.key")},
         "admin": {"listen": "127.0.0.1:0"},
         "sidecar": {"shutdown_timeout_seconds": 5},
-        "provider": [{
-            "name": "example", "token_url": token_url, "grant": "refresh_token",
-            "client_id": "client-1", "client_secret_file": str(tmp / "client-secret"),
-            "refresh_skew_seconds": 60, "backoff_initial_seconds": 5,
-            **(provider or {}),
-        }],
-        "upstream": [{
-            "name": "api", "listen": "127.0.0.1:0", "target": target, "provider": "example",
-            "default_account": "main", **(upstream or {}),
-        }],
+        "provider": [
+            {
+                "name": "example",
+                "token_url": token_url,
+                "grant": "refresh_token",
+                "client_id": "client-1",
+                "client_secret_file": str(tmp / "client-secret"),
+                "refresh_skew_seconds": 60,
+                "backoff_initial_seconds": 5,
+                **(provider or {}),
+            }
+        ],
+        "upstream": [
+            {
+                "name": "api",
+                "listen": "127.0.0.1:0",
+                "target": target,
+                "provider": "example",
+                "default_account": "main",
+                **(upstream or {}),
+            }
+        ],
     }
 
 
 @pytest.fixture
 async def make_sidecar(
-    secrets_dir: Path, idp: FakeTokenEndpoint, api: FakeUpstream, clock: ManualClock,
+    secrets_dir: Path,
+    idp: FakeTokenEndpoint,
+    api: FakeUpstream,
+    clock: ManualClock,
 ) -> AsyncIterator[MakeSidecar]:
     started: list[Sidecar] = []
 
     async def make(**overrides: Any) -> Sidecar:
-        raw = base_config(secrets_dir, idp.url, api.url,  # type: ignore[attr-defined]
-                          provider=overrides.get("provider"), upstream=overrides.get("upstream"))
+        raw = base_config(
+            secrets_dir,
+            idp.url,
+            api.url,  # type: ignore[attr-defined]
+            provider=overrides.get("provider"),
+            upstream=overrides.get("upstream"),
+        )
         cfg = config_module.parse(raw, {}, secrets_dir)
-        sidecar = await Sidecar.start(cfg, clock=clock, registry=CollectorRegistry(),
-                                      rng=random.Random(7))
+        sidecar = await Sidecar.start(
+            cfg, clock=clock, registry=CollectorRegistry(), rng=random.Random(7)
+        )
         started.append(sidecar)
         return sidecar
 
@@ -99,9 +124,15 @@ async def make_sidecar(
         await sidecar.stop()
 
 
-async def seed(sidecar: Sidecar, idp: FakeTokenEndpoint, api: FakeUpstream, clock: ManualClock,
-               account: str = "main", expires_in: float | None = 3600,
-               provider: str = "example") -> Token:
+async def seed(
+    sidecar: Sidecar,
+    idp: FakeTokenEndpoint,
+    api: FakeUpstream,
+    clock: ManualClock,
+    account: str = "main",
+    expires_in: float | None = 3600,
+    provider: str = "example",
+) -> Token:
     """Import a first token pair the fakes accept, as `sidecar accounts import` would."""
     access, refresh = idp.grant(account)
     api.valid.add(access)

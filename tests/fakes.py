@@ -149,17 +149,27 @@ class FakeUpstream:
 
     async def echo(self, request: web.Request) -> web.Response:
         body = await request.read()
-        self.seen.append({
-            "method": request.method, "path_qs": request.raw_path, "host": request.host,
-            "headers": dict(request.headers), "body": body,
-        })
+        self.seen.append(
+            {
+                "method": request.method,
+                "path_qs": request.raw_path,
+                "host": request.host,
+                "headers": dict(request.headers),
+                "body": body,
+            }
+        )
         denied = self._authorized(request)
         if denied is not None:
             return denied
-        return web.json_response({
-            "method": request.method, "path": request.raw_path, "body_length": len(body),
-            "token": request.headers["Authorization"].removeprefix("Bearer "),
-        }, headers={"X-Upstream": "yes"})
+        return web.json_response(
+            {
+                "method": request.method,
+                "path": request.raw_path,
+                "body_length": len(body),
+                "token": request.headers["Authorization"].removeprefix("Bearer "),
+            },
+            headers={"X-Upstream": "yes"},
+        )
 
     async def upload(self, request: web.Request) -> web.Response:
         denied = self._authorized(request)
@@ -196,5 +206,6 @@ class FakeUpstream:
 
         self._authorized(request)
         payload = gzip.compress(json.dumps({"compressed": True}).encode())
-        return web.Response(body=payload, headers={
-            "Content-Encoding": "gzip", "Content-Type": "application/json"})
+        return web.Response(
+            body=payload, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+        )

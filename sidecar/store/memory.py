@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from contextlib import AbstractAsyncContextManager
-
 import dataclasses
 from collections import Counter
+from contextlib import AbstractAsyncContextManager
 
 from sidecar.store.base import StoredRow
 

@@ -8,13 +8,11 @@ interleaving on it.
 
 from __future__ import annotations
 
-import contextlib
-from contextlib import AbstractAsyncContextManager
-
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
