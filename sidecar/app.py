@@ -36,6 +36,7 @@ class Sidecar:
     store: TokenStore
     credentials: CredentialManager
     metrics: Metrics
+    clock: Clock
     addresses: dict[str, tuple[str, int]] = field(default_factory=dict)  # listener -> address
     _exit: AsyncExitStack = field(default_factory=AsyncExitStack)
     _runners: list[web.BaseRunner] = field(default_factory=list)
@@ -84,7 +85,7 @@ class Sidecar:
             rng,
         )
         await credentials.reset_client_credentials()
-        sidecar = cls(config, store, credentials, metrics, _exit=exit_stack)
+        sidecar = cls(config, store, credentials, metrics, clock, _exit=exit_stack)
         for upstream in config.upstreams:
             await sidecar._listen_upstream(upstream)
         admin = make_admin_app(
@@ -98,7 +99,7 @@ class Sidecar:
 
     async def _listen_upstream(self, cfg: UpstreamConfig) -> None:
         session = await self._exit.enter_async_context(upstream_session(cfg))
-        proxy = UpstreamProxy(cfg, self.credentials, session, self.metrics)
+        proxy = UpstreamProxy(cfg, self.credentials, session, self.metrics, self.clock)
         server = web.Server(proxy.handle, access_log=None)
         runner = web.ServerRunner(server, shutdown_timeout=self.config.shutdown_timeout_seconds)
         await self._listen(cfg.name, runner, cfg.host, cfg.port)

@@ -60,6 +60,13 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        self.expired_injections = Counter(
+            "sidecar_expired_token_injections",
+            "Requests sent upstream with an access token already past its expiry. "
+            "Should stay 0: alert if it moves.",
+            ["upstream"],
+            registry=r,
+        )
         self.accounts = Gauge(
             "sidecar_accounts",
             "Accounts by provider and state.",

@@ -24,7 +24,7 @@ from sidecar.config import UpstreamConfig
 from sidecar.credentials import CredentialManager
 from sidecar.errors import CredentialError, ReauthorizationRequired, TokenUnavailable
 from sidecar.metrics import Metrics
-from sidecar.model import Token
+from sidecar.model import Clock, Token
 from sidecar.responses import error_response
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,10 @@ class UpstreamProxy:
         credentials: CredentialManager,
         session: aiohttp.ClientSession,
         metrics: Metrics,
+        clock: Clock,
     ) -> None:
+        self._clock = clock
+        self._expired = metrics.expired_injections.labels(cfg.name)
         self._cfg = cfg
         self._credentials = credentials
         self._session = session
@@ -141,6 +144,8 @@ class UpstreamProxy:
     async def _send(
         self, method: str, url: URL, headers: CIMultiDict[str], body: Body, token: Token
     ) -> aiohttp.ClientResponse:
+        if token.expires_at is not None and self._clock() >= token.expires_at:
+            self._expired.inc()  # a bug if it ever happens: the alert watches this
         headers["Authorization"] = f"Bearer {token.access_token}"
         start = time.perf_counter()
         upstream = await self._session.request(

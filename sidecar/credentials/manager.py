@@ -73,9 +73,10 @@ class CredentialManager:
         }
 
     def account_for(self, provider: str, requested: str | None) -> str | None:
-        """The account a request means; client_credentials providers have exactly one."""
+        """The account a request means; a client_credentials provider has exactly one token,
+        so the account a request names does not matter."""
         if self._providers[provider].grant == "client_credentials":
-            return requested or CLIENT_CREDENTIALS_ACCOUNT
+            return CLIENT_CREDENTIALS_ACCOUNT
         return requested
 
     async def current(self, provider: str, account: str) -> Token:
