@@ -261,7 +261,7 @@ async def test_fatal_is_read_from_error_field_not_substring(
     sidecar = await make_sidecar()
     await seed(sidecar, idp, api, clock, expires_in=100)
     idp.script.append(lambda: oauth_error("temporarily_unavailable", "not an invalid_grant"))
-    status, _, body = await get(client, sidecar.url("api") + "/x")
+    status, _, _ = await get(client, sidecar.url("api") + "/x")
     assert status == 200  # transient: the unexpired token keeps being used
     row = await sidecar.store.get("example", "main")
     assert row is not None and row.state == "active"
@@ -333,8 +333,8 @@ async def test_backoff_grows_exponentially(make_sidecar, idp, api, clock, client
         assert ceiling / 2 <= wait <= ceiling
 
 
-async def test_unknown_and_missing_account(make_sidecar, idp, api, clock, client) -> None:
-    sidecar = await make_sidecar(upstream={"default_account": None} and {})
+async def test_unknown_account(make_sidecar, idp, api, clock, client) -> None:
+    sidecar = await make_sidecar()
     status, headers, body = await get(client, sidecar.url("api") + "/x", account="nobody")
     assert (status, headers["X-Sidecar-Error"], body["error"]) == (
         404,

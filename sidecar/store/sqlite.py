@@ -100,7 +100,7 @@ class SQLiteStore:
         try:
             async with self._conn.execute(sql, params) as cur:
                 return list(await cur.fetchall())
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: the connection is closed
             raise StoreError(f"SQLite read failed: {exc}") from exc
 
     async def get(self, provider: str, account: str) -> StoredRow | None:
