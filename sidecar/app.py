@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from sidecar.admin import make_admin_app
 from sidecar.config import Config, UpstreamConfig
 from sidecar.credentials import CredentialManager
+from sidecar.credentials.refresher import Refresher
 from sidecar.crypto import TokenCipher
 from sidecar.grants import make_grant
 from sidecar.metrics import Metrics
@@ -37,6 +38,7 @@ class Sidecar:
     credentials: CredentialManager
     metrics: Metrics
     clock: Clock
+    refresher: Refresher
     addresses: dict[str, tuple[str, int]] = field(default_factory=dict)  # listener -> address
     _exit: AsyncExitStack = field(default_factory=AsyncExitStack)
     _runners: list[web.BaseRunner] = field(default_factory=list)
@@ -68,24 +70,28 @@ class Sidecar:
     ) -> Sidecar:
         store = await open_store(config.store.url)
         exit_stack.push_async_callback(store.close)
-        tasks = Tasks()
-        exit_stack.push_async_callback(tasks.close)
         token_session = await exit_stack.enter_async_context(
             aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
         )
+        tasks = Tasks()  # closed first: refreshes stop before the session and store go
+        exit_stack.push_async_callback(tasks.close)
         grants = {p.name: make_grant(token_session, p, clock) for p in config.providers}
+        providers = {p.name: p for p in config.providers}
         credentials = CredentialManager(
             store,
             TokenCipher(config.store.keys),
             grants,
-            {p.name: p for p in config.providers},
+            providers,
             metrics,
             clock,
             tasks,
             rng,
         )
         await credentials.reset_client_credentials()
-        sidecar = cls(config, store, credentials, metrics, clock, _exit=exit_stack)
+        refresher = Refresher(store, credentials, providers, clock)
+        if config.background_refresh:
+            tasks.spawn(refresher.run(), name="background refresher")
+        sidecar = cls(config, store, credentials, metrics, clock, refresher, _exit=exit_stack)
         for upstream in config.upstreams:
             await sidecar._listen_upstream(upstream)
         admin = make_admin_app(

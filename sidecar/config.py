@@ -54,6 +54,14 @@ class ProviderConfig:
     max_concurrent_refreshes: int = 4
     backoff_initial_seconds: float = 1.0
     backoff_max_seconds: float = 300.0
+    max_refreshes_per_second: float = 10.0
+    # Background refresh: an access token is refreshed once this share of its lifetime is
+    # left (at least refresh_lead_seconds, at most half the lifetime), minus per-account jitter.
+    refresh_lead_fraction: float = 0.2
+    refresh_lead_seconds: float = 0.0
+    refresh_jitter_fraction: float = 0.1
+    refresh_token_lifetime_seconds: float | None = None  # keepalive: refresh before it lapses
+    lost_refresh_max_attempts: int = 8
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,7 @@ class Config:
     upstreams: tuple[UpstreamConfig, ...]
     shutdown_timeout_seconds: float = 10.0
     log_level: str = "info"
+    background_refresh: bool = True
 
     def provider(self, name: str) -> ProviderConfig:
         return next(p for p in self.providers if p.name == name)
@@ -157,6 +166,7 @@ def parse(raw: Mapping[str, Any], environ: Mapping[str, str], base_dir: Path) ->
     log_level = sidecar.get("log_level", str, "info")
     if log_level not in ("debug", "info", "warning", "error"):
         sidecar.problem("log_level", "must be one of debug, info, warning, error")
+    background_refresh = sidecar.get("background_refresh", bool, True)
     sidecar.finish()
     providers = tuple(
         _provider(t, f"provider[{i}]", problems, environ, base_dir)
@@ -169,7 +179,7 @@ def parse(raw: Mapping[str, Any], environ: Mapping[str, str], base_dir: Path) ->
     top.finish()
     if problems:
         raise ConfigError(problems)
-    return Config(store, admin, providers, upstreams, shutdown, log_level)
+    return Config(store, admin, providers, upstreams, shutdown, log_level, background_refresh)
 
 
 def _table(top: _Reader, name: str, required: bool = False) -> dict[str, Any]:
@@ -321,9 +331,22 @@ def _provider(
         max_concurrent_refreshes=r.positive("max_concurrent_refreshes", int, 4),
         backoff_initial_seconds=r.positive("backoff_initial_seconds", float, 1.0),
         backoff_max_seconds=r.positive("backoff_max_seconds", float, 300.0),
+        max_refreshes_per_second=r.positive("max_refreshes_per_second", float, 10.0),
+        refresh_lead_fraction=_fraction(r, "refresh_lead_fraction", 0.2),
+        refresh_lead_seconds=r.get("refresh_lead_seconds", float, 0.0),
+        refresh_jitter_fraction=_fraction(r, "refresh_jitter_fraction", 0.1),
+        refresh_token_lifetime_seconds=r.positive("refresh_token_lifetime_seconds", float, None),
+        lost_refresh_max_attempts=r.positive("lost_refresh_max_attempts", int, 8),
     )
     r.finish()
     return provider
+
+
+def _fraction(r: _Reader, name: str, default: float) -> float:
+    value = r.get(name, float, default)
+    if value is not None and not 0 <= value < 1:
+        r.problem(name, f"must be a fraction from 0 up to (not including) 1, got {value!r}")
+    return value
 
 
 def _client_secret(r: _Reader, environ: Mapping[str, str], base_dir: Path) -> str | None:

@@ -12,6 +12,8 @@ import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from sidecar.errors import SidecarError
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -28,7 +30,8 @@ class Tasks:
 
     def _done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
+        # A SidecarError is an answer for whoever awaits the task, not a crash.
+        if not task.cancelled() and not isinstance(task.exception(), SidecarError | None):
             log.error("task_failed", extra={"task": task.get_name()}, exc_info=task.exception())
 
     async def close(self) -> None:

@@ -69,7 +69,8 @@ def base_config(
     return {
         "store": {"url": f"sqlite://{tmp / 'tokens.db'}", "key_file": str(tmp / "store.key")},
         "admin": {"listen": "127.0.0.1:0"},
-        "sidecar": {"shutdown_timeout_seconds": 5},
+        # Background refresh runs on real time; tests drive it with run_once() instead.
+        "sidecar": {"shutdown_timeout_seconds": 5, "background_refresh": False},
         "provider": [
             {
                 "name": "example",
@@ -112,6 +113,7 @@ async def make_sidecar(
             provider=overrides.get("provider"),
             upstream=overrides.get("upstream"),
         )
+        raw["sidecar"].update(overrides.get("sidecar", {}))
         cfg = config_module.parse(raw, {}, secrets_dir)
         sidecar = await Sidecar.start(
             cfg, clock=clock, registry=CollectorRegistry(), rng=random.Random(7)
@@ -138,7 +140,8 @@ async def seed(
     api.valid.add(access)
     token = Token(access, refresh, None if expires_in is None else clock() + expires_in)
     cipher = TokenCipher(sidecar.config.store.keys)
-    await import_credentials(sidecar.store, cipher, [Credential(provider, account, token, 0)])
+    cred = Credential(provider, account, token, 0, refreshed_at=clock())
+    await import_credentials(sidecar.store, cipher, [cred])
     return token
 
 

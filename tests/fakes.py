@@ -45,6 +45,7 @@ class FakeTokenEndpoint:
     reuse_detected: int = 0
     script: list[Callable[[], web.StreamResponse]] = field(default_factory=list)
     gate: asyncio.Event | None = None
+    drop_answers: int = 0  # process (and rotate) this many requests, then cut the connection
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     in_flight: int = 0
     max_in_flight: int = 0
@@ -76,7 +77,12 @@ class FakeTokenEndpoint:
                 await self.gate.wait()
             if self.script:
                 return self.script.pop(0)()
-            return self._issue(form)
+            answer = self._issue(form)
+            if self.drop_answers > 0:
+                self.drop_answers -= 1
+                assert request.transport is not None
+                request.transport.abort()  # the provider acted; its answer is lost
+            return answer
         finally:
             self.in_flight -= 1
 

@@ -19,8 +19,10 @@ import dataclasses
 import logging
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+from aiolimiter import AsyncLimiter
 
 from sidecar.config import CLIENT_CREDENTIALS_ACCOUNT, ProviderConfig
 from sidecar.credentials.codec import seal, unseal
@@ -41,6 +43,8 @@ from sidecar.tasks import Tasks
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (provider, account)
+Decide = Callable[[Credential], bool]  # does this freshly reloaded pair need refreshing?
+PROVIDER_TRIP_FAILURES = 3  # failures in a row before every refresh to a provider slows down
 
 
 @dataclass(slots=True)
@@ -68,8 +72,15 @@ class CredentialManager:
         self._flights: dict[Key, asyncio.Future[Credential]] = {}
         self._backoff: dict[Key, Backoff] = {}
         self._unsaved: dict[Key, Credential] = {}  # new pairs whose write failed: never lose them
+        self._lost: dict[Key, int] = {}  # refreshes whose answer was lost, in a row
+        self._provider_backoff: dict[str, Backoff] = {}
+        # Shared by on-demand and background refreshes: thousands of refreshes fired at once
+        # would time out, and a timed-out rotation loses the new pair.
         self._limits = {
             name: asyncio.Semaphore(p.max_concurrent_refreshes) for name, p in providers.items()
+        }
+        self._rates = {
+            name: AsyncLimiter(p.max_refreshes_per_second, 1.0) for name, p in providers.items()
         }
 
     def account_for(self, provider: str, requested: str | None) -> str | None:
@@ -95,18 +106,38 @@ class CredentialManager:
         ``failed`` is the token the upstream just rejected: refresh only if it is still the
         current one; otherwise a newer token exists already and is returned as is.
         """
-        key = (provider, account)
+        if failed is None:
+            decide = self._is_not_fresh
+        else:
+            decide = lambda cred: cred.token.access_token == failed.access_token  # noqa: E731
+        try:
+            return (await self._join((provider, account), decide)).token
+        except TransientGrantError as exc:
+            return self._fallback((provider, account), failed, exc)
+
+    async def refresh_if(self, provider: str, account: str, due: Decide) -> Credential:
+        """Refresh when ``due`` still holds for the freshly reloaded pair (background refresh)."""
+        return await self._join((provider, account), due)
+
+    def retry_at(self, provider: str, account: str) -> float | None:
+        """When a refresh of this account may next call the provider, if it is backing off."""
+        times = [
+            b.retry_at
+            for b in (self._backoff.get((provider, account)), self._provider_backoff.get(provider))
+            if b
+        ]
+        return max(times) if times else None
+
+    async def _join(self, key: Key, decide: Decide) -> Credential:
         flight = self._flights.get(key)
         if flight is not None:
-            self._metrics.coalesced.labels(provider).inc()
+            self._metrics.coalesced.labels(key[0]).inc()
         else:
-            flight = self._tasks.spawn(self._fly(key, failed), name=f"refresh {provider}")
+            flight = self._tasks.spawn(self._fly(key, decide), name=f"refresh {key[0]}")
             self._flights[key] = flight
             flight.add_done_callback(lambda _: self._flights.pop(key, None))
-        try:
-            return (await asyncio.shield(flight)).token
-        except TransientGrantError as exc:
-            return self._fallback(key, failed, exc)
+        # Shielded: a caller that goes away must not cancel a rotation halfway.
+        return await asyncio.shield(flight)
 
     def _fallback(self, key: Key, failed: Token | None, exc: TransientGrantError) -> Token:
         """After a transient failure: keep using an unexpired token the upstream did not reject."""
@@ -115,8 +146,8 @@ class CredentialManager:
         usable = cred is not None and cred.token.state(now, 0) is not TokenState.INVALID
         if failed is None and cred is not None and usable:
             return cred.token
-        backoff = self._backoff.get(key)
-        wait = backoff.retry_at - now if backoff else 1.0
+        retry_at = self.retry_at(*key)
+        wait = retry_at - now if retry_at else 1.0
         raise TokenUnavailable(retry_after=max(1, math.ceil(wait))) from exc
 
     async def _load(self, provider: str, account: str) -> Credential:
@@ -131,30 +162,30 @@ class CredentialManager:
         self._cache[(provider, account)] = cred
         return cred
 
-    def _needs_refresh(self, cred: Credential, failed: Token | None) -> bool:
-        if failed is not None:
-            return cred.token.access_token == failed.access_token
+    def _is_not_fresh(self, cred: Credential) -> bool:
         skew = self._providers[cred.provider].refresh_skew_seconds
         return cred.token.state(self._clock(), skew) is not TokenState.FRESH
 
-    async def _fly(self, key: Key, failed: Token | None) -> Credential:
+    async def _fly(self, key: Key, decide: Decide) -> Credential:
         async with self._store.hold(*key):
-            return await self._fly_locked(key, failed)
+            return await self._fly_locked(key, decide)
 
-    async def _fly_locked(self, key: Key, failed: Token | None) -> Credential:
+    async def _fly_locked(self, key: Key, decide: Decide) -> Credential:
         provider, account = key
         cred = await self._load(provider, account)  # another process may have refreshed it
         if cred.state is AccountState.REAUTHORIZATION_REQUIRED:
             raise ReauthorizationRequired(cred.state_reason or "unknown", cred.state_changed_at)
-        if not self._needs_refresh(cred, failed):
+        if not decide(cred):
             return cred
         if key in self._unsaved:
             return await self._save(cred, self._unsaved[key])
-        backoff = self._backoff.get(key)
-        if backoff and self._clock() < backoff.retry_at:
-            raise TransientGrantError("backing off after an earlier failure")
         async with self._limits[provider]:
-            new_token = await self._call_provider(cred)
+            # Checked after the wait for a slot: the provider may have tripped meanwhile.
+            retry_at = self.retry_at(provider, account)
+            if retry_at is not None and self._clock() < retry_at:
+                raise TransientGrantError("backing off after an earlier failure")
+            async with self._rates[provider]:
+                new_token = await self._call_provider(cred)
         now = self._clock()
         fresh = dataclasses.replace(
             cred,
@@ -176,14 +207,19 @@ class CredentialManager:
                 token = await self._grants[cred.provider].fetch(cred.token)
         except FatalGrantError as exc:
             metrics.refreshes.labels(cred.provider, "fatal_error").inc()
-            await self._mark_reauthorization(cred, exc.error)
-            raise ReauthorizationRequired(exc.error, start) from exc
+            # After a lost answer, invalid_grant most likely means the provider did rotate:
+            # the new pair is gone, and the operator should know why.
+            reason = "refresh_outcome_lost" if self._lost.pop(key, 0) else exc.error
+            await self._mark_reauthorization(cred, reason)
+            raise ReauthorizationRequired(reason, start) from exc
         except TransientGrantError as exc:
             metrics.refreshes.labels(cred.provider, "transient_error").inc()
-            self._back_off(key, exc)
+            await self._after_transient(cred, exc)
             raise
         metrics.refreshes.labels(cred.provider, "success").inc()
-        self._backoff.pop(key, None)
+        for pending in (self._backoff, self._lost):
+            pending.pop(key, None)
+        self._provider_backoff.pop(cred.provider, None)
         log.info(
             "token_refreshed",
             extra={
@@ -221,14 +257,41 @@ class CredentialManager:
         self._cache[key] = stored
         return stored
 
-    def _back_off(self, key: Key, exc: TransientGrantError) -> None:
-        """Exponential backoff with full jitter; a provider's Retry-After is a floor."""
-        provider = self._providers[key[0]]
-        failures = self._backoff[key].failures + 1 if key in self._backoff else 1
+    async def _after_transient(self, cred: Credential, exc: TransientGrantError) -> None:
+        """Back off this account, and the whole provider when it keeps failing.
+
+        A lost answer (``outcome_unknown``) is retried later with the same refresh token,
+        never an invented one; after ``lost_refresh_max_attempts`` such losses in a row with
+        the access token expired, the account is given up as ``refresh_outcome_lost``.
+        """
+        key = (cred.provider, cred.account)
+        provider = self._providers[cred.provider]
+        self._back_off(key, exc)
+        trip = self._provider_backoff.get(cred.provider)
+        failures = trip.failures + 1 if trip else 1
+        if failures >= PROVIDER_TRIP_FAILURES:
+            delay = self._delay(provider, failures - PROVIDER_TRIP_FAILURES + 1, None)
+            self._provider_backoff[cred.provider] = Backoff(failures, self._clock() + delay)
+        else:
+            self._provider_backoff[cred.provider] = Backoff(failures, 0.0)
+        if not exc.outcome_unknown:
+            return
+        self._lost[key] = self._lost.get(key, 0) + 1
+        expired = cred.token.state(self._clock(), 0) is TokenState.INVALID
+        if self._lost[key] >= provider.lost_refresh_max_attempts and expired:
+            del self._lost[key]
+            await self._mark_reauthorization(cred, "refresh_outcome_lost")
+
+    def _delay(self, provider: ProviderConfig, failures: int, floor: float | None) -> float:
+        """Exponential backoff with jitter; a provider's Retry-After is a floor."""
         ceiling = min(
             provider.backoff_max_seconds, provider.backoff_initial_seconds * 2 ** (failures - 1)
         )
-        delay = max(self._rng.uniform(ceiling / 2, ceiling), exc.retry_after or 0.0)
+        return max(self._rng.uniform(ceiling / 2, ceiling), floor or 0.0)
+
+    def _back_off(self, key: Key, exc: TransientGrantError) -> None:
+        failures = self._backoff[key].failures + 1 if key in self._backoff else 1
+        delay = self._delay(self._providers[key[0]], failures, exc.retry_after)
         self._backoff[key] = Backoff(failures, self._clock() + delay)
         log.warning(
             "token_refresh_failed",

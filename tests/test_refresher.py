@@ -1,0 +1,181 @@
+"""Background refresh and refresh-token keepalive, driven by the injected clock."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+from aiohttp import web
+
+from sidecar.config import ProviderConfig
+from sidecar.credentials.refresher import account_jitter, next_refresh_at
+from tests.conftest import seed
+
+DAY = 86400.0
+
+
+def provider(**kw: object) -> ProviderConfig:
+    base = ProviderConfig(name="p", token_url="http://x/t", grant="refresh_token", client_id="c")
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+def test_schedule_is_a_fraction_of_lifetime_with_stable_jitter() -> None:
+    p = provider(refresh_lead_fraction=0.2, refresh_jitter_fraction=0.1)
+    at = next_refresh_at(p, "alice", expires_at=4600.0, refreshed_at=1000.0)  # 1 h lifetime
+    jitter = account_jitter("p", "alice")
+    assert 0 <= jitter < 1 and jitter == account_jitter("p", "alice")
+    assert at == pytest.approx(4600 - 720 - jitter * 360)
+    assert 4600 - 720 - 360 < at <= 4600 - 720
+    spread = {next_refresh_at(p, f"u{i}", 4600.0, 1000.0) for i in range(200)}
+    assert len(spread) == 200 and max(spread) - min(spread) > 300  # not all at once
+
+
+def test_fixed_lead_is_capped_at_half_the_lifetime() -> None:
+    p = provider(refresh_lead_seconds=300, refresh_jitter_fraction=0)
+    assert next_refresh_at(p, "a", expires_at=1000 + 3600, refreshed_at=1000) == 4600 - 720
+    p = provider(refresh_lead_fraction=0, refresh_lead_seconds=900, refresh_jitter_fraction=0)
+    assert next_refresh_at(p, "a", expires_at=1000 + 3600, refreshed_at=1000) == 4600 - 900
+    assert next_refresh_at(p, "a", expires_at=1020, refreshed_at=1000) == 1010  # 20 s tokens
+    assert next_refresh_at(provider(), "a", expires_at=None, refreshed_at=1000) is None
+
+
+def test_keepalive_before_refresh_token_lapses() -> None:
+    p = provider(refresh_token_lifetime_seconds=10 * DAY, refresh_jitter_fraction=0)
+    at = next_refresh_at(p, "a", expires_at=None, refreshed_at=0.0)
+    assert at == pytest.approx(8 * DAY)
+
+
+async def test_refreshes_due_accounts_only(make_sidecar, idp, api, clock) -> None:
+    sidecar = await make_sidecar()
+    await seed(sidecar, idp, api, clock, account="soon", expires_in=600)
+    await seed(sidecar, idp, api, clock, account="later", expires_in=3600)
+    clock.advance(600 - 60)  # "soon" is inside its lead (20 % of 600 s = 120 s)
+    next_due = await sidecar.refresher.run_once()
+    assert idp.calls == 1 and idp.requests[0]["refresh_token"] == "soon-refresh-1"
+    assert next_due is not None and clock() < next_due < clock() + 3600
+    assert await sidecar.refresher.run_once() is not None
+    assert idp.calls == 1  # the refreshed token is fresh again: nothing due
+
+
+async def test_keepalive_refreshes_idle_account(make_sidecar, idp, api, clock) -> None:
+    sidecar = await make_sidecar(provider={"refresh_token_lifetime_seconds": 10 * DAY})
+    await seed(sidecar, idp, api, clock, account="idle", expires_in=None)
+    clock.advance(7 * DAY)
+    await sidecar.refresher.run_once()
+    assert idp.calls == 0
+    clock.advance(1 * DAY + 1)
+    await sidecar.refresher.run_once()
+    assert idp.calls == 1
+    row = await sidecar.store.get("example", "idle")
+    assert row is not None and row.refreshed_at == clock()
+
+
+async def test_concurrency_is_bounded_per_provider(make_sidecar, idp, api, clock) -> None:
+    sidecar = await make_sidecar(
+        provider={"max_concurrent_refreshes": 3, "max_refreshes_per_second": 1000}
+    )
+    for i in range(12):
+        await seed(sidecar, idp, api, clock, account=f"u{i}", expires_in=10)
+    clock.advance(9)
+    idp.gate = asyncio.Event()
+    run = asyncio.ensure_future(sidecar.refresher.run_once())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while idp.in_flight < 3:
+        assert loop.time() < deadline
+        await asyncio.sleep(0.005)
+    idp.gate.set()
+    await run
+    assert idp.calls == 12 and idp.max_in_flight == 3
+    assert idp.reuse_detected == 0
+
+
+async def test_restart_derives_schedule_from_store(make_sidecar, idp, api, clock) -> None:
+    first = await make_sidecar()
+    for i in range(5):
+        await seed(first, idp, api, clock, account=f"u{i}", expires_in=3600)
+    await first.stop()
+    second = await make_sidecar()  # same database file
+    await second.refresher.run_once()
+    assert idp.calls == 0  # no storm after a restart
+    clock.advance(3600 - 60)
+    await second.refresher.run_once()
+    assert idp.calls == 5
+
+
+async def test_background_loop_runs_in_the_app(make_sidecar, idp, api, clock) -> None:
+    sidecar = await make_sidecar(sidecar={"background_refresh": True})
+    await seed(sidecar, idp, api, clock, expires_in=30)
+    clock.advance(29)
+    sidecar.refresher.wake()  # as an import does; otherwise the loop rescans on its own
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while idp.calls < 1:
+        assert loop.time() < deadline, "background refresh did not happen"
+        await asyncio.sleep(0.01)
+    assert (await sidecar.credentials._load("example", "main")).token.access_token == "access-2"
+
+
+async def test_failing_provider_slows_every_refresh(make_sidecar, idp, api, clock) -> None:
+    sidecar = await make_sidecar(
+        provider={"max_concurrent_refreshes": 1, "max_refreshes_per_second": 1000}
+    )
+    for i in range(10):
+        await seed(sidecar, idp, api, clock, account=f"u{i}", expires_in=10)
+    clock.advance(9)
+    idp.script.extend([lambda: web.Response(status=502)] * 10)
+    await sidecar.refresher.run_once()
+    assert idp.calls == 3  # then the provider is backed off as a whole
+    idp.script.clear()  # the provider recovers
+    clock.advance(400)  # past every backoff
+    await sidecar.refresher.run_once()
+    assert idp.calls == 13
+    rows = await sidecar.store.rows("example")
+    assert all(r.refreshed_at == clock() for r in rows)
+
+
+async def test_lost_answer_then_invalid_grant_is_refresh_outcome_lost(
+    make_sidecar,
+    idp,
+    api,
+    clock,
+    client,
+) -> None:
+    sidecar = await make_sidecar()
+    seeded = await seed(sidecar, idp, api, clock, expires_in=30)
+    clock.advance(25)
+    idp.drop_answers = 1  # the provider rotates, but the answer never arrives
+    await sidecar.refresher.run_once()
+    assert idp.calls == 1
+    # The current access token is still valid: requests keep flowing meanwhile.
+    async with client.get(sidecar.url("api") + "/x") as resp:
+        assert resp.status == 200
+        assert (await resp.json())["token"] == seeded.access_token
+    clock.advance(5)  # past the backoff; the same refresh token is presented again
+    await sidecar.refresher.run_once()
+    assert [r["refresh_token"] for r in idp.requests] == [seeded.refresh_token] * 2
+    assert idp.reuse_detected == 1  # the fake saw it: this is what a real provider punishes
+    row = await sidecar.store.get("example", "main")
+    assert row is not None
+    assert (row.state, row.state_reason) == ("reauthorization_required", "refresh_outcome_lost")
+
+
+async def test_lost_answer_retried_successfully_when_provider_did_not_rotate(
+    make_sidecar,
+    idp,
+    api,
+    clock,
+) -> None:
+    sidecar = await make_sidecar()
+    seeded = await seed(sidecar, idp, api, clock, expires_in=30)
+    clock.advance(25)
+    idp.rotate = False  # this provider keeps refresh tokens: the lost answer cost nothing
+    idp.drop_answers = 1
+    await sidecar.refresher.run_once()
+    clock.advance(5)
+    await sidecar.refresher.run_once()
+    assert [r["refresh_token"] for r in idp.requests] == [seeded.refresh_token] * 2
+    row = await sidecar.store.get("example", "main")
+    assert row is not None and row.state == "active"
+    assert (await sidecar.credentials._load("example", "main")).token.access_token == "access-3"
