@@ -5,6 +5,7 @@ from __future__ import annotations
 from sidecar.errors import StoreError
 from sidecar.store.base import StoredRow, TokenStore
 from sidecar.store.memory import MemoryStore
+from sidecar.store.postgres import PostgresStore
 from sidecar.store.sqlite import SQLiteStore, sqlite_path
 
 __all__ = ["StoredRow", "TokenStore", "open_store"]
@@ -14,6 +15,8 @@ async def open_store(url: str) -> TokenStore:
     """Open the backend a ``[store] url`` names."""
     if url.startswith("sqlite://"):
         return await SQLiteStore.open(sqlite_path(url))
+    if url.startswith(("postgresql://", "postgres://")):
+        return await PostgresStore.open(url)
     if url.startswith("memory://"):
         return MemoryStore()
     raise StoreError(f"unsupported store URL scheme: {url.split(':', 1)[0]}")

@@ -48,6 +48,9 @@ class TokenStore(Protocol):
     ) -> None:
         """Record an account's state (e.g. reauthorization_required) with reason and time."""
 
+    async def delete(self, provider: str, account: str) -> bool:
+        """Remove an account; False when it did not exist."""
+
     async def rows(self, provider: str | None = None) -> list[StoredRow]:
         """Every row, or every row of one provider, ordered by provider then account."""
 

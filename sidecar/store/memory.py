@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import dataclasses
 from collections import Counter
 from contextlib import AbstractAsyncContextManager
 
+from sidecar.errors import StoreError
 from sidecar.store.base import StoredRow
 
 
 class MemoryStore:
     def __init__(self) -> None:
         self._rows: dict[tuple[str, str], StoredRow] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     async def get(self, provider: str, account: str) -> StoredRow | None:
         return self._rows.get((provider, account))
 
     async def upsert_many(self, rows: list[StoredRow]) -> None:
+        for row in rows:  # check all first: a batch is written whole or not at all
+            if not isinstance(row.ciphertext, bytes) or not isinstance(row.key_id, str):
+                raise StoreError(f"row for {row.provider}/{row.account} has no ciphertext")
         for row in rows:
             old = self._rows.get((row.provider, row.account))
             self._rows[(row.provider, row.account)] = dataclasses.replace(
@@ -51,6 +56,9 @@ class MemoryStore:
                 old, state=state, state_reason=reason, state_changed_at=at
             )
 
+    async def delete(self, provider: str, account: str) -> bool:
+        return self._rows.pop((provider, account), None) is not None
+
     async def rows(self, provider: str | None = None) -> list[StoredRow]:
         return [r for _, r in sorted(self._rows.items()) if provider in (None, r.provider)]
 
@@ -58,8 +66,8 @@ class MemoryStore:
         return dict(Counter((r.provider, r.state) for r in self._rows.values()))
 
     def hold(self, provider: str, account: str) -> AbstractAsyncContextManager[None]:
-        # One process only: the credential manager's in-process single-flight suffices.
-        return contextlib.nullcontext()
+        # Nothing else can share this store, so an asyncio lock per account is the whole story.
+        return self._locks.setdefault((provider, account), asyncio.Lock())
 
     async def ping(self) -> None:
         return None

@@ -4,15 +4,30 @@ WAL mode so readers never block the writer; a busy timeout so several sidecar pr
 share one file; ``PRAGMA user_version`` numbers the schema so later releases can migrate it.
 One connection serves the process; an asyncio lock keeps multi-statement transactions from
 interleaving on it.
+
+Refresh locks for processes sharing the file are ``flock(2)`` locks on one small file per
+account in a directory beside the database (``tokens.db.locks/``). flock locks belong to an
+open file description, so two holds in one process exclude each other just as two processes
+do (fcntl record locks would not, and closing any descriptor would drop them all), and the
+kernel releases them when the holder dies. The blocking ``flock`` call runs in a daemon thread
+of its own: it holds no executor worker and never delays interpreter exit; a waiter that is
+cancelled hands the descriptor to that thread, which closes it (freeing the lock) if the lock
+comes after all.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import concurrent.futures
+import fcntl
+import hashlib
+import logging
+import os
 import sqlite3
+import threading
+import time
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +35,8 @@ import aiosqlite
 
 from sidecar.errors import StoreError
 from sidecar.store.base import StoredRow
+
+log = logging.getLogger(__name__)
 
 # Each entry upgrades the schema by one version; never edit one that has shipped.
 MIGRATIONS = (
@@ -48,9 +65,10 @@ COLUMNS = (
 
 
 class SQLiteStore:
-    def __init__(self, conn: aiosqlite.Connection) -> None:
+    def __init__(self, conn: aiosqlite.Connection, lock_dir: Path) -> None:
         self._conn = conn
         self._tx_lock = asyncio.Lock()
+        self._lock_dir = lock_dir
 
     @classmethod
     async def open(cls, path: str, busy_timeout_ms: int = 10_000) -> SQLiteStore:
@@ -59,7 +77,7 @@ class SQLiteStore:
             conn = await aiosqlite.connect(path, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open SQLite database {path}: {exc}") from exc
-        store = cls(conn)
+        store = cls(conn, lock_dir(path))
         try:
             await conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             await conn.execute("PRAGMA journal_mode = WAL")
@@ -68,6 +86,9 @@ class SQLiteStore:
         except sqlite3.Error as exc:
             await conn.close()
             raise StoreError(f"cannot prepare SQLite database {path}: {exc}") from exc
+        except BaseException:  # e.g. a schema newer than this release
+            await conn.close()
+            raise
         return store
 
     async def _migrate(self) -> None:
@@ -163,6 +184,12 @@ class SQLiteStore:
             (state, reason, at, provider, account),
         )
 
+    async def delete(self, provider: str, account: str) -> bool:
+        changed = await self._write(
+            "DELETE FROM credentials WHERE provider = ? AND account = ?", (provider, account)
+        )
+        return changed == 1
+
     async def rows(self, provider: str | None = None) -> list[StoredRow]:
         if provider is None:
             found = await self._fetch(
@@ -181,9 +208,27 @@ class SQLiteStore:
         )
         return {(p, s): n for p, s, n in found}
 
-    def hold(self, provider: str, account: str) -> AbstractAsyncContextManager[None]:
-        # One process only: the credential manager's in-process single-flight suffices.
-        return contextlib.nullcontext()
+    @asynccontextmanager
+    async def hold(self, provider: str, account: str) -> AsyncIterator[None]:
+        started = time.monotonic()
+        fd = await _flock(lock_file(self._lock_dir, provider, account))
+        acquired = time.monotonic()
+        log.debug(
+            "refresh_lock_acquired",
+            extra={"provider": provider, "account": account, "waited_seconds": acquired - started},
+        )
+        try:
+            yield
+        finally:
+            os.close(fd)  # closing the only descriptor of the file description unlocks it
+            log.debug(
+                "refresh_lock_released",
+                extra={
+                    "provider": provider,
+                    "account": account,
+                    "held_seconds": time.monotonic() - acquired,
+                },
+            )
 
     async def ping(self) -> None:
         await self._fetch("SELECT 1")
@@ -197,8 +242,56 @@ def sqlite_path(url: str) -> str:
     return url.removeprefix("sqlite://")
 
 
+def lock_dir(path: str) -> Path:
+    """The directory of refresh lock files that belongs to the database at ``path``."""
+    db = Path(path)
+    return db.with_name(db.name + ".locks")
+
+
+def lock_file(directory: Path, provider: str, account: str) -> Path:
+    """One lock file per account; hashed, so names are safe and collisions need not be handled."""
+    digest = hashlib.blake2b(f"{provider}\0{account}".encode(), digest_size=16).hexdigest()
+    return directory / f"{digest}.lock"
+
+
+async def _flock(path: Path) -> int:
+    """Open ``path`` and take an exclusive flock on it without blocking the event loop.
+
+    Returns the descriptor; closing it releases the lock.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot open refresh lock file {path}: {exc}") from exc
+    job: concurrent.futures.Future[None] = concurrent.futures.Future()
+    threading.Thread(target=_flock_job, args=(job, fd), name="sidecar-lock", daemon=True).start()
+    try:
+        await asyncio.wrap_future(job)
+    except BaseException as exc:
+        # Cancelled or failed. The job either never starts (cancelled before it ran) or ends
+        # after taking the lock or failing; either way this closes the descriptor exactly once,
+        # and only after the thread is done with it.
+        job.add_done_callback(lambda _: os.close(fd))
+        if isinstance(exc, OSError):
+            raise StoreError(f"cannot lock refresh lock file {path}: {exc}") from exc
+        raise
+    return fd
+
+
+def _flock_job(job: concurrent.futures.Future[None], fd: int) -> None:
+    if not job.set_running_or_notify_cancel():
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except Exception as exc:
+        job.set_exception(exc)
+    else:
+        job.set_result(None)
+
+
 def _create_private(file: Path) -> None:
     """Create the database file readable by its owner only: even ciphertext stays private."""
     file.parent.mkdir(parents=True, exist_ok=True)
     if not file.exists():
         file.touch(mode=0o600)
+    lock_dir(str(file)).mkdir(mode=0o700, exist_ok=True)
