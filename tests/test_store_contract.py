@@ -476,3 +476,19 @@ async def test_postgres_lock_whose_session_dies_is_freed(
     finally:
         await first.close()
         await second.close()
+
+
+async def test_a_read_sees_what_another_instance_committed_before_it(
+    stores: Callable[[], Awaitable[TokenStore]],
+) -> None:
+    """Overlapping reads on one connection must not pin an old snapshot: a process that takes
+    the refresh lock after another process's write has to see that write."""
+    reader, writer = await stores(), await stores()
+    await writer.upsert_many([row(A)])
+    for version in range(1, 21):
+        crowd = [asyncio.create_task(reader.get(P, A)) for _ in range(50)]
+        await asyncio.sleep(0)  # the crowd's reads are under way
+        assert await writer.compare_and_swap(row(A, blob=f"v{version}".encode()), version)
+        latest = await reader.get(P, A)
+        assert latest is not None and latest.version == version + 1
+        await asyncio.gather(*crowd)

@@ -2,8 +2,8 @@
 
 WAL mode so readers never block the writer; a busy timeout so several sidecar processes can
 share one file; ``PRAGMA user_version`` numbers the schema so later releases can migrate it.
-One connection serves the process; an asyncio lock keeps multi-statement transactions from
-interleaving on it.
+One connection serves the process; an asyncio lock lets one statement or transaction at a
+time use it, and every read runs to completion at once, so no read pins an old snapshot.
 
 Refresh locks for processes sharing the file are ``flock(2)`` locks on one small file per
 account in a directory beside the database (``tokens.db.locks/``). flock locks belong to an
@@ -118,9 +118,17 @@ class SQLiteStore:
             await self._conn.execute("COMMIT")
 
     async def _fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        """Run one query to completion in a single step on the connection's thread.
+
+        A statement left open (a cursor not yet drained) keeps the connection's read
+        transaction, and so its snapshot, alive: overlapping reads would then never see what
+        another process committed, and a process that takes the refresh lock would reload a
+        pair that was already rotated. The lock also keeps reads out of another coroutine's
+        open transaction.
+        """
         try:
-            async with self._conn.execute(sql, params) as cur:
-                return list(await cur.fetchall())
+            async with self._tx_lock:
+                return list(await self._conn.execute_fetchall(sql, params))
         except (sqlite3.Error, ValueError) as exc:  # ValueError: the connection is closed
             raise StoreError(f"SQLite read failed: {exc}") from exc
 
