@@ -1,9 +1,12 @@
-"""Encryption of token pairs at rest: AES-256-GCM with key ids and rotation.
+"""Encryption of token pairs at rest (AES-256-GCM with key ids and rotation), and JWT signing.
 
 The store only ever sees ciphertext. Each ciphertext records which key made it, so several keys
 can be configured at once: the first encrypts, all decrypt, and ``sidecar keys rotate``
 re-encrypts every row with the first. The associated data binds a ciphertext to its provider and
 account, so a row copied onto another account does not decrypt.
+
+JWTs (RFC 7519) are signed by PyJWT, a well-kept library, never by hand; this module is the
+only one that imports it. What the claims say is the grants' business (grants/assertion.py).
 """
 
 from __future__ import annotations
@@ -11,10 +14,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+from collections.abc import Mapping
 
+import jwt
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from sidecar.config import SigningKey
 from sidecar.errors import DecryptError
 
 NONCE_BYTES = 12  # NIST SP 800-38D §8.2: 96-bit random nonces
@@ -62,3 +68,11 @@ class TokenCipher:
                 f"ciphertext for {provider}/{account} does not authenticate "
                 f"(tampered, or copied from another account)"
             ) from None
+
+
+def sign_jwt(
+    claims: Mapping[str, object], key: SigningKey, algorithm: str, key_id: str | None
+) -> str:
+    """A compact JWS (RFC 7515 §7.1) over ``claims``; ``key_id`` becomes the ``kid`` header."""
+    headers = {"kid": key_id} if key_id else None
+    return jwt.encode(dict(claims), key, algorithm=algorithm, headers=headers)

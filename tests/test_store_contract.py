@@ -492,3 +492,32 @@ async def test_a_read_sees_what_another_instance_committed_before_it(
         latest = await reader.get(P, A)
         assert latest is not None and latest.version == version + 1
         await asyncio.gather(*crowd)
+
+
+async def test_postgres_store_recovers_when_the_server_drops_every_session(
+    pg_schema: PgSchema,
+) -> None:
+    """A restart or failover: calls fail with StoreError (never a raw asyncpg error) at most
+    until the pool has reconnected, and nothing stored is lost."""
+    url = f"{pg_schema.url}&application_name={pg_schema.name}"
+    store = await open_store(url)
+    try:
+        await store.upsert_many([row(A)])
+        for _ in range(3):
+            dropped = await pg_schema.admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = $1",
+                pg_schema.name,
+            )
+            assert dropped >= 1
+            outcomes = []
+            for _ in range(5):
+                try:
+                    outcomes.append(await store.get(P, A))
+                except StoreError:
+                    outcomes.append(None)
+            assert outcomes[-1] == row(A, version=1), outcomes
+            async with asyncio.timeout(10), store.hold(P, A):
+                pass
+    finally:
+        await store.close()

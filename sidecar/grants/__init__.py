@@ -5,8 +5,10 @@ from __future__ import annotations
 import aiohttp
 
 from sidecar.config import ProviderConfig
+from sidecar.grants.assertion import AssertionSigner
 from sidecar.grants.base import Grant, TokenEndpoint
 from sidecar.grants.client_credentials import ClientCredentialsGrant
+from sidecar.grants.jwt_bearer import JwtBearerGrant
 from sidecar.grants.refresh_token import RefreshTokenGrant
 from sidecar.model import Clock
 
@@ -17,4 +19,6 @@ def make_grant(session: aiohttp.ClientSession, provider: ProviderConfig, clock: 
     endpoint = TokenEndpoint(session, provider, clock)
     if provider.grant == "client_credentials":
         return ClientCredentialsGrant(endpoint, provider.scopes)
+    if provider.grant == "jwt_bearer":
+        return JwtBearerGrant(endpoint, AssertionSigner(provider, clock), provider.scopes)
     return RefreshTokenGrant(endpoint, provider.scopes)

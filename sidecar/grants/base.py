@@ -2,7 +2,8 @@
 
 Every way a provider can answer is classified at one seam, ``classify``: a token, a fatal error
 (the grant or client is dead: mark the account, never retry by ourselves), or a transient error
-(back off and retry). Errors are read from the JSON ``error`` field, never by substring.
+(back off and retry). Errors are read from the JSON ``error`` field, never by substring; where a
+provider puts them elsewhere or names them otherwise, ``quirks.oauth_error`` reads them first.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from urllib.parse import quote_plus
 
 import aiohttp
 
-from sidecar.config import ProviderConfig
+from sidecar.config import ProviderConfig, ProviderQuirks
 from sidecar.errors import FatalGrantError, TransientGrantError
+from sidecar.grants.assertion import CLIENT_ASSERTION_TYPE, AssertionSigner
+from sidecar.grants.quirks import STANDARD, oauth_error
 from sidecar.model import Clock, Token
 
 # RFC 6749 §5.2 codes that no retry can fix: the grant or the client itself is rejected.
@@ -49,21 +52,23 @@ class TokenEndpoint:
         self._provider = provider
         self._clock = clock
         self._timeout = aiohttp.ClientTimeout(total=provider.timeout_seconds)
+        self._signer = (
+            AssertionSigner(provider, clock) if provider.auth_method == "private_key_jwt" else None
+        )
 
     async def request(self, params: Mapping[str, str]) -> Token:
         form, headers = self._authenticate(dict(params))
-        form.update(self._provider.extra_params)
         received_at = self._clock()  # expiry counts from the request, erring early
         try:
             async with self._session.post(
                 self._provider.token_url,
-                data=form,
+                data=self._fields(form),
                 headers=headers,
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as resp:
                 body = await resp.read()
-                return classify(resp.status, resp.headers, body, received_at)
+                return classify(resp.status, resp.headers, body, received_at, self._provider.quirks)
         except aiohttp.ClientConnectorError as exc:
             raise TransientGrantError(f"cannot connect: {exc.os_error}") from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
@@ -84,24 +89,49 @@ class TokenEndpoint:
             headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
         elif p.auth_method == "client_secret_post":
             form["client_id"], form["client_secret"] = p.client_id, p.client_secret or ""
+        elif self._signer is not None:
+            # RFC 7523 §2.2. client_id is optional beside an assertion (RFC 7521 §4.2), but
+            # some providers (Microsoft's) require it.
+            form["client_id"] = p.client_id
+            form["client_assertion_type"] = CLIENT_ASSERTION_TYPE
+            form["client_assertion"] = self._signer.for_client()
         else:
             form["client_id"] = p.client_id
         return form, headers
 
+    def _fields(self, form: dict[str, str]) -> list[tuple[str, str]]:
+        """The form with the provider's extra parameters; audience and resource may repeat."""
+        p = self._provider
+        return [
+            *form.items(),
+            *p.extra_params,  # config rejects names that would replace the ones above
+            *(("audience", a) for a in p.audience),
+            *(("resource", r) for r in p.resource),  # RFC 8707 §2
+        ]
 
-def classify(status: int, headers: Mapping[str, str], body: bytes, received_at: float) -> Token:
+
+def classify(
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    received_at: float,
+    quirks: ProviderQuirks = STANDARD,
+) -> Token:
     """Turn a token endpoint's answer into a Token or a classified error."""
     data = _json_object(body)
+    error = oauth_error(status, data, quirks)
+    if error is not None and error.code in FATAL_ERRORS:
+        said = f" (the provider said {error.sent!r})" if error.sent != error.code else ""
+        raise FatalGrantError(error.code, error.description + said)
+    if error is not None:
+        raise TransientGrantError(
+            f"token endpoint error {error.sent!r} (HTTP {status})",
+            retry_after=_retry_after(headers),
+        )
     if status == 200:
         if data is None:
             raise TransientGrantError("token response is not a JSON object")
         return _token(data, received_at)
-    error = data.get("error") if data else None
-    if status in (400, 401) and isinstance(error, str):
-        description = data.get("error_description") if data else None
-        if error in FATAL_ERRORS:
-            raise FatalGrantError(error, description if isinstance(description, str) else "")
-        raise TransientGrantError(f"token endpoint error {error!r} (HTTP {status})")
     raise TransientGrantError(
         f"token endpoint answered HTTP {status}", retry_after=_retry_after(headers)
     )

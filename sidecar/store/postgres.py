@@ -67,7 +67,14 @@ COLUMNS = (
     "state_changed_at, refreshed_at"
 )
 # Everything asyncpg raises for a failed query or connection; CancelledError passes through.
-_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# InternalClientError: e.g. a query on a connection the server has just dropped.
+_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,
+    TimeoutError,
+)
 
 
 class PostgresStore:
