@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import random
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -19,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from sidecar.admin import make_admin_app
 from sidecar.config import Config, UpstreamConfig
 from sidecar.credentials import CredentialManager
+from sidecar.credentials.accounts import AccountService, make_account_service
 from sidecar.credentials.refresher import Refresher
 from sidecar.crypto import TokenCipher
 from sidecar.grants import make_grant
@@ -94,8 +96,22 @@ class Sidecar:
         sidecar = cls(config, store, credentials, metrics, clock, refresher, _exit=exit_stack)
         for upstream in config.upstreams:
             await sidecar._listen_upstream(upstream)
+        accounts = make_account_service(
+            config.providers,
+            store,
+            TokenCipher(config.store.keys),
+            token_session,
+            credentials,
+            clock,
+            changed=lambda provider, account: refresher.wake(),
+        )
         admin = make_admin_app(
-            store, metrics, tuple(p.name for p in config.providers), sidecar.listeners_up
+            store,
+            metrics,
+            tuple(p.name for p in config.providers),
+            sidecar.listeners_up,
+            accounts,
+            config.admin.token,
         )
         runner = web.AppRunner(
             admin, access_log=None, shutdown_timeout=config.shutdown_timeout_seconds
@@ -131,6 +147,32 @@ class Sidecar:
         self._runners.clear()
         self.addresses.clear()
         await self._exit.aclose()
+
+
+@asynccontextmanager
+async def open_accounts(
+    config: Config, clock: Clock = system_clock
+) -> AsyncIterator[AccountService]:
+    """The account service on its own, for one ``sidecar accounts`` command.
+
+    A running sidecar sees these changes only when it next reads the account from the store;
+    the admin API makes the same changes and tells the running process at once.
+    """
+    async with AsyncExitStack() as stack:
+        store = await open_store(config.store.url)
+        stack.push_async_callback(store.close)
+        session = await stack.enter_async_context(
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+        )
+        tasks = Tasks()  # closed first: a refresh stops before the session and store go
+        stack.push_async_callback(tasks.close)
+        cipher = TokenCipher(config.store.keys)
+        grants = {p.name: make_grant(session, p, clock) for p in config.providers}
+        providers = {p.name: p for p in config.providers}
+        credentials = CredentialManager(
+            store, cipher, grants, providers, Metrics(), clock, tasks, None
+        )
+        yield make_account_service(config.providers, store, cipher, session, credentials, clock)
 
 
 def upstream_session(cfg: UpstreamConfig) -> aiohttp.ClientSession:

@@ -3,6 +3,7 @@
 sidecar run --config config.toml
 sidecar check-config --config config.toml
 sidecar accounts import --config config.toml --provider NAME < tokens.jsonl
+sidecar accounts list|authorize|refresh|revoke --config config.toml --provider NAME ...
 sidecar keys generate
 sidecar keys rotate --config config.toml
 """
@@ -12,26 +13,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
-from typing import TextIO
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TextIO, TypeVar
 
 from sidecar import config as config_module
 from sidecar import logs
-from sidecar.app import Sidecar
+from sidecar.app import Sidecar, open_accounts
 from sidecar.config import Config
+from sidecar.credentials.accounts import AccountService, InvalidInput, ListQuery
 from sidecar.credentials.maintenance import BadImport, import_credentials, parse_import, rotate_keys
 from sidecar.crypto import TokenCipher, generate_key
 from sidecar.errors import ConfigError, SidecarError
+from sidecar.model import AccountState
 from sidecar.store import open_store
 
 log = logging.getLogger("sidecar")
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+T = TypeVar("T")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,6 +45,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as exc:
         _print_problems(exc.problems, sys.stderr)
+        return EXIT_USAGE
+    except InvalidInput as exc:
+        print(f"{len(exc.problems)} problem(s):", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
         return EXIT_USAGE
     except SidecarError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -66,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(imp)
     imp.add_argument("--provider", required=True)
     imp.set_defaults(func=_import)
+    _account_commands(accounts_commands)
 
     keys = commands.add_parser("keys", help="manage store encryption keys")
     keys_commands = keys.add_subparsers(required=True, metavar="action")
@@ -76,6 +87,40 @@ def _parser() -> argparse.ArgumentParser:
     _config_arg(rotate)
     rotate.set_defaults(func=_rotate)
     return parser
+
+
+def _account_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    lst = commands.add_parser("list", help="list accounts with state and expiry (never tokens)")
+    _provider_args(lst, account=False)
+    lst.add_argument("--state", choices=[s.value for s in AccountState])
+    lst.add_argument("--json", action="store_true", help="one JSON object a line")
+    lst.set_defaults(func=_list)
+    authorize = commands.add_parser(
+        "authorize", help="exchange an authorization code for an account's token pair"
+    )
+    _provider_args(authorize)
+    authorize.add_argument("--code", required=True)
+    authorize.add_argument("--redirect-uri", required=True)
+    authorize.add_argument("--code-verifier", help="the PKCE verifier (RFC 7636)")
+    authorize.set_defaults(func=_authorize)
+    refresh = commands.add_parser("refresh", help="refresh an account's tokens now")
+    _provider_args(refresh)
+    refresh.set_defaults(func=_refresh)
+    revoke = commands.add_parser(
+        "revoke", help="revoke an account's tokens at the provider, then delete it"
+    )
+    _provider_args(revoke)
+    revoke.add_argument(
+        "--force", action="store_true", help="delete even if the provider does not confirm"
+    )
+    revoke.set_defaults(func=_revoke)
+
+
+def _provider_args(parser: argparse.ArgumentParser, account: bool = True) -> None:
+    _config_arg(parser)
+    parser.add_argument("--provider", required=True)
+    if account:
+        parser.add_argument("--account", required=True)
 
 
 def _config_arg(parser: argparse.ArgumentParser) -> None:
@@ -122,13 +167,18 @@ async def _serve(cfg: Config) -> int:
     return EXIT_OK
 
 
-def _import(args: argparse.Namespace) -> int:
+def _load_for_provider(args: argparse.Namespace) -> Config:
     cfg = _load(args)
     names = [p.name for p in cfg.providers]
     if args.provider not in names:
         raise ConfigError(
             [f"--provider: no provider named {args.provider!r} (configured: {', '.join(names)})"]
         )
+    return cfg
+
+
+def _import(args: argparse.Namespace) -> int:
+    cfg = _load_for_provider(args)
     provider = cfg.provider(args.provider)
     try:
         creds = parse_import(
@@ -144,6 +194,75 @@ def _import(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     asyncio.run(_with_store(cfg, lambda store, cipher: import_credentials(store, cipher, creds)))
     print(f"imported {len(creds)} account(s) into provider {provider.name!r}")
+    return EXIT_OK
+
+
+def _accounts(args: argparse.Namespace, job: Callable[[AccountService], Awaitable[T]]) -> T:
+    """Run one job against the account service, opened for this command only."""
+    cfg = _load_for_provider(args)
+    logs.configure("warning")  # problems as JSON lines on stderr; the outcome on stdout
+
+    async def run() -> T:
+        async with open_accounts(cfg) as accounts:
+            return await job(accounts)
+
+    return asyncio.run(run())
+
+
+def _list(args: argparse.Namespace) -> int:
+    query = ListQuery(AccountState(args.state) if args.state else None)
+    page = _accounts(args, lambda accounts: accounts.list(args.provider, query))
+    if args.json:
+        for summary in page.accounts:
+            print(json.dumps(summary.to_json()))
+        return EXIT_OK
+    print(f"{'ACCOUNT':24} {'STATE':24} {'ACCESS EXPIRES':20} {'REFRESHED':20} REASON")
+    for a in page.accounts:
+        print(
+            f"{a.account:24} {a.state:24} {_when(a.access_expires_at):20} "
+            f"{_when(a.refreshed_at):20} {a.reason or '-'}"
+        )
+    return EXIT_OK
+
+
+def _when(at: float | None) -> str:
+    return "-" if at is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+
+
+def _authorize(args: argparse.Namespace) -> int:
+    body = {"code": args.code, "redirect_uri": args.redirect_uri}
+    if args.code_verifier is not None:
+        body["code_verifier"] = args.code_verifier
+    stored = _accounts(args, lambda accounts: accounts.authorize(args.provider, args.account, body))
+    print(
+        f"authorized {'new' if stored.created else 'existing'} account {args.account!r} of "
+        f"provider {args.provider!r}; access token expires "
+        f"{_when(stored.summary.access_expires_at)}"
+    )
+    for warning in stored.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _refresh(args: argparse.Namespace) -> int:
+    summary = _accounts(args, lambda accounts: accounts.refresh(args.provider, args.account))
+    print(
+        f"refreshed account {args.account!r} of provider {args.provider!r}; "
+        f"access token expires {_when(summary.access_expires_at)}"
+    )
+    return EXIT_OK
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    outcome = _accounts(
+        args, lambda accounts: accounts.revoke(args.provider, args.account, force=args.force)
+    )
+    how = {
+        "revoked": "revoked and deleted",
+        "not_configured": "deleted (the provider has no revocation_url)",
+        "failed": "deleted WITHOUT revocation (--force)",
+    }[outcome]
+    print(f"{how} account {args.account!r} of provider {args.provider!r}")
     return EXIT_OK
 
 

@@ -1,0 +1,74 @@
+"""Token revocation, RFC 7009: tell the provider a token is no longer needed.
+
+The request is authenticated like a token request (§2.1). The provider answers 200 whether or
+not the token was still valid (§2.2), ``unsupported_token_type`` for a kind of token it cannot
+revoke, and 503 when it wants the client to retry later (§2.2.1).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Literal
+
+import aiohttp
+
+from sidecar.config import ProviderConfig
+from sidecar.errors import FatalGrantError, TransientGrantError
+from sidecar.grants.base import TokenEndpoint
+
+TokenHint = Literal["access_token", "refresh_token"]
+
+
+class Revocation:
+    def __init__(
+        self, session: aiohttp.ClientSession, provider: ProviderConfig, endpoint: TokenEndpoint
+    ) -> None:
+        if provider.revocation_url is None:
+            raise ValueError(f"provider {provider.name!r} has no revocation_url")
+        self._session, self._url, self._endpoint = session, provider.revocation_url, endpoint
+        self._timeout = aiohttp.ClientTimeout(total=provider.timeout_seconds)
+
+    async def revoke(self, token: str, hint: TokenHint) -> bool:
+        """True when the token is revoked (or was already invalid); False when the provider
+        cannot revoke this kind of token. Raises FatalGrantError or TransientGrantError."""
+        # Client authentication exactly as at the token endpoint (§2.1).
+        form, headers = self._endpoint._authenticate({"token": token, "token_type_hint": hint})
+        try:
+            async with self._session.post(
+                self._url,
+                data=form,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as resp:
+                return classify_revocation(resp.status, resp.headers, await resp.read())
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise TransientGrantError(f"revocation failed: {type(exc).__name__}") from None
+
+
+def classify_revocation(status: int, headers: Mapping[str, str], body: bytes) -> bool:
+    if status == 200:
+        return True
+    error, description = _oauth_error(body)
+    if status == 400 and error == "unsupported_token_type":
+        return False
+    if status in (400, 401) and error is not None:
+        raise FatalGrantError(error, description)
+    retry_after = headers.get("Retry-After", "")
+    raise TransientGrantError(
+        f"revocation endpoint answered HTTP {status}",
+        retry_after=float(retry_after) if retry_after.isdigit() else None,
+    )
+
+
+def _oauth_error(body: bytes) -> tuple[str | None, str]:
+    """RFC 6749 §5.2 ``error`` and ``error_description``, read from JSON, never by substring."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None, ""
+    if not isinstance(data, dict) or not isinstance(data.get("error"), str):
+        return None, ""
+    description = data.get("error_description")
+    return data["error"], description if isinstance(description, str) else ""
