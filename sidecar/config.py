@@ -18,10 +18,47 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
 from sidecar.errors import ConfigError
 
-GRANTS = ("refresh_token", "client_credentials")
-AUTH_METHODS = ("client_secret_basic", "client_secret_post", "none")
+GRANTS = ("refresh_token", "client_credentials", "jwt_bearer")
+AUTH_METHODS = ("client_secret_basic", "client_secret_post", "private_key_jwt", "none")
+SINGLE_TOKEN_GRANTS = ("client_credentials", "jwt_bearer")
+SIGNING_ALGORITHMS = ("RS256", "ES256")
+SigningKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+# RFC 6749 §5.2 token endpoint codes, plus the two §4.1.2.1 codes providers also send there.
+TOKEN_ERROR_CODES = (
+    "invalid_request",
+    "invalid_client",
+    "invalid_grant",
+    "unauthorized_client",
+    "unsupported_grant_type",
+    "invalid_scope",
+    "temporarily_unavailable",
+    "server_error",
+)
+# Token request parameters the sidecar sets itself: extra_params may not replace them.
+RESERVED_PARAMS = frozenset(
+    {
+        "grant_type",
+        "scope",
+        "refresh_token",
+        "assertion",
+        "code",
+        "redirect_uri",
+        "code_verifier",
+        "client_id",
+        "client_secret",
+        "client_assertion",
+        "client_assertion_type",
+        "audience",
+        "resource",
+    }
+)
 CLIENT_CREDENTIALS_ACCOUNT = "default"
 """A client_credentials provider has one token; it is stored under this account name."""
 ADMIN_TOKEN_MIN_CHARS = 16
@@ -43,6 +80,34 @@ class AdminConfig:
 
 
 @dataclass(frozen=True)
+class AssertionConfig:
+    """How a provider's RFC 7523 JWTs are signed and addressed.
+
+    ``issuer`` and ``subject`` apply to the grant assertion only (a client assertion's are
+    always the client_id); None means the client_id. ``audience`` None means the token URL.
+    """
+
+    key_file: str
+    key: SigningKey = field(repr=False, compare=False)
+    algorithm: str = "RS256"
+    key_id: str | None = None
+    issuer: str | None = None
+    subject: str | None = None
+    audience: str | None = None
+    lifetime_seconds: int = 300
+
+
+@dataclass(frozen=True)
+class ProviderQuirks:
+    """Where a provider's token endpoint departs from RFC 6749 §5.2 (see grants/quirks.py)."""
+
+    error_field: str = "error"  # a dotted path reaches a nested code: "error.code"
+    error_description_field: str = "error_description"
+    error_statuses: tuple[int, ...] = (400, 401)  # answers whose body may name an error
+    error_aliases: tuple[tuple[str, str], ...] = ()  # (provider's code, RFC 6749 code)
+
+
+@dataclass(frozen=True)
 class ProviderConfig:
     name: str
     token_url: str
@@ -53,6 +118,10 @@ class ProviderConfig:
     revocation_url: str | None = None  # RFC 7009; used when an account is deleted
     scopes: tuple[str, ...] = ()
     extra_params: tuple[tuple[str, str], ...] = ()
+    audience: tuple[str, ...] = ()  # one `audience` parameter each
+    resource: tuple[str, ...] = ()  # one `resource` parameter each, RFC 8707 §2
+    assertion: AssertionConfig | None = None  # jwt_bearer grant, private_key_jwt auth
+    quirks: ProviderQuirks = ProviderQuirks()
     refresh_skew_seconds: float = 60.0
     timeout_seconds: float = 10.0
     max_concurrent_refreshes: int = 4
@@ -66,6 +135,12 @@ class ProviderConfig:
     refresh_jitter_fraction: float = 0.1
     refresh_token_lifetime_seconds: float | None = None  # keepalive: refresh before it lapses
     lost_refresh_max_attempts: int = 8
+
+    @property
+    def single_token(self) -> bool:
+        """The provider issues the client's own token: one per provider, stored under
+        CLIENT_CREDENTIALS_ACCOUNT, and obtainable again from configuration alone."""
+        return self.grant in SINGLE_TOKEN_GRANTS
 
 
 @dataclass(frozen=True)
@@ -245,6 +320,8 @@ def _read_secret_file(path: Path, name: str, r: _Reader) -> str | None:
         return path.read_text()
     except FileNotFoundError:
         r.problem(name, f"{path} does not exist")
+    except UnicodeDecodeError:
+        r.problem(name, f"{path} is not a text file")
     except OSError as exc:
         r.problem(name, f"{path}: cannot read: {exc.strerror}")
     return None
@@ -323,7 +400,7 @@ def _provider(
     if revocation_url is not None and not _is_http_url(revocation_url):
         r.problem("revocation_url", f"must be an http(s) URL, got {revocation_url!r}")
     has_secret_key = "client_secret_file" in table or "client_secret_env" in table
-    if not has_secret_key and auth_method != "none":
+    if not has_secret_key and auth_method not in ("none", "private_key_jwt"):
         r.problem(
             "client_secret_file",
             "set client_secret_file or client_secret_env "
@@ -335,6 +412,13 @@ def _provider(
     extra = r.get("extra_params", dict, {})
     if not all(isinstance(v, str) for v in extra.values()):
         r.problem("extra_params", "values must be strings")
+    for param in sorted(RESERVED_PARAMS.intersection(extra)):
+        hint = "use the provider's own key" if param in ("audience", "resource") else "it is ours"
+        r.problem("extra_params", f"cannot set {param}: {hint}")
+    audience, resource = _strings(r, "audience"), _strings(r, "resource")
+    for uri in resource:
+        if not urlsplit(uri).scheme or "#" in uri:
+            r.problem("resource", f"{uri!r} is not an absolute URI without fragment (RFC 8707 §2)")
     provider = ProviderConfig(
         name=name,
         token_url=token_url,
@@ -345,6 +429,10 @@ def _provider(
         revocation_url=revocation_url,
         scopes=tuple(scopes),
         extra_params=tuple(sorted(extra.items())),
+        audience=audience,
+        resource=resource,
+        assertion=_assertion(r, grant, auth_method, base_dir),
+        quirks=_quirks(_Reader(_table(r, "quirks"), r.key("quirks"), problems)),
         refresh_skew_seconds=r.positive("refresh_skew_seconds", float, 60.0),
         timeout_seconds=r.positive("timeout_seconds", float, 10.0),
         max_concurrent_refreshes=r.positive("max_concurrent_refreshes", int, 4),
@@ -383,6 +471,135 @@ def _client_secret(r: _Reader, environ: Mapping[str, str], base_dir: Path) -> st
         text = _read_secret_file(_resolve(secret_file, base_dir), "client_secret_file", r)
         return text.strip() if text is not None else ""
     return None
+
+
+def _strings(r: _Reader, name: str) -> tuple[str, ...]:
+    """A string or a list of strings."""
+    r.seen.add(name)
+    value = r.table.get(name, [])
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+        r.problem(name, "must be a string or a list of non-empty strings")
+        return ()
+    return tuple(values)
+
+
+_KEY_SETTINGS = (
+    "private_key_file",
+    "signing_algorithm",
+    "key_id",
+    "assertion_audience",
+    "assertion_lifetime_seconds",
+)
+_GRANT_ASSERTION_SETTINGS = ("assertion_issuer", "assertion_subject")
+_ANY_JWT_USE = 'grant = "jwt_bearer" or auth_method = "private_key_jwt"'
+_KEY_NEEDS = {
+    "RS256": "an RSA key of 2048 bits or more (RFC 7518 §3.3)",
+    "ES256": "an EC key on curve P-256 (RFC 7518 §3.4)",
+}
+
+
+def _assertion(r: _Reader, grant: str, auth_method: str, base_dir: Path) -> AssertionConfig | None:
+    """RFC 7523 signing settings, for grant = "jwt_bearer" and auth_method = "private_key_jwt"."""
+    uses = [
+        use
+        for use, on in (
+            ('grant = "jwt_bearer"', grant == "jwt_bearer"),
+            ('auth_method = "private_key_jwt"', auth_method == "private_key_jwt"),
+        )
+        if on
+    ]
+    if not uses:
+        _unused(r, _KEY_SETTINGS + _GRANT_ASSERTION_SETTINGS, _ANY_JWT_USE)
+        return None
+    if grant != "jwt_bearer":  # a client assertion's iss and sub are always the client_id
+        _unused(r, _GRANT_ASSERTION_SETTINGS, 'grant = "jwt_bearer"')
+    algorithm = r.get("signing_algorithm", str, "RS256")
+    if algorithm not in SIGNING_ALGORITHMS:
+        choices = ", ".join(SIGNING_ALGORITHMS)
+        r.problem("signing_algorithm", f"must be one of {choices}, got {algorithm!r}")
+    key_file = r.get("private_key_file", str, "")
+    if not r.table.get("private_key_file"):
+        r.problem("private_key_file", f"is required with {' and '.join(uses)}")
+    key = _private_key(_resolve(key_file, base_dir), algorithm, r) if key_file else None
+    key_id = r.get("key_id", str)
+    issuer, subject = r.get("assertion_issuer", str), r.get("assertion_subject", str)
+    audience = r.get("assertion_audience", str)
+    lifetime = r.positive("assertion_lifetime_seconds", int, 300)
+    if key is None:
+        return None  # the problem is recorded already
+    return AssertionConfig(key_file, key, algorithm, key_id, issuer, subject, audience, lifetime)
+
+
+def _unused(r: _Reader, names: tuple[str, ...], needs: str) -> None:
+    for name in names:
+        if name in r.table:
+            r.seen.add(name)
+            r.problem(name, f"only applies with {needs}")
+
+
+def _private_key(path: Path, algorithm: str, r: _Reader) -> SigningKey | None:
+    """An unencrypted PEM private key, not readable by every user, that fits the algorithm."""
+    text = _read_secret_file(path, "private_key_file", r)
+    if text is None:
+        return None
+    try:
+        key = serialization.load_pem_private_key(text.encode(), password=None)
+    except TypeError:  # how cryptography says the key is password-protected
+        r.problem("private_key_file", f"{path} is encrypted; store it unencrypted, mode 0600")
+        return None
+    except (ValueError, UnsupportedAlgorithm):
+        r.problem("private_key_file", f"{path} is not a PEM private key")
+        return None
+    mismatch = _key_mismatch(key, algorithm)
+    if mismatch is not None:
+        r.problem("private_key_file", f"{path} holds {mismatch}")
+    if mismatch or not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        return None
+    return key
+
+
+def _key_mismatch(key: PrivateKeyTypes, algorithm: str) -> str | None:
+    """Why ``key`` cannot sign with ``algorithm``, or None when it can."""
+    if algorithm not in _KEY_NEEDS:
+        return None  # the algorithm itself is the problem, reported already
+    if isinstance(key, rsa.RSAPrivateKey):
+        found = f"a {key.key_size}-bit RSA key"
+        fits = algorithm == "RS256" and key.key_size >= 2048
+    elif isinstance(key, ec.EllipticCurvePrivateKey):
+        found = f"an EC key on curve {key.curve.name}"
+        fits = algorithm == "ES256" and isinstance(key.curve, ec.SECP256R1)
+    else:
+        found, fits = f"a key of type {type(key).__name__}", False
+    return None if fits else f"{found}; {algorithm} needs {_KEY_NEEDS[algorithm]}"
+
+
+def _quirks(r: _Reader) -> ProviderQuirks:
+    """[provider.quirks]: how this provider's token endpoint departs from RFC 6749 §5.2."""
+    fields = {
+        name: r.get(name, str, default)
+        for name, default in (
+            ("error_field", "error"),
+            ("error_description_field", "error_description"),
+        )
+    }
+    for name, dotted in fields.items():
+        if "" in dotted.split("."):
+            r.problem(name, f"must be a field name or a dotted path (error.code), got {dotted!r}")
+    statuses = r.get("error_statuses", list, [400, 401])
+    if not all(isinstance(s, int) and 400 <= s <= 599 for s in statuses):
+        r.problem("error_statuses", "must be a list of HTTP status codes between 400 and 599")
+    aliases = r.get("error_aliases", dict, {})
+    for code, standard in sorted(aliases.items()):
+        if standard not in TOKEN_ERROR_CODES:
+            r.problem(f"error_aliases.{code}", f"must be one of {', '.join(TOKEN_ERROR_CODES)}")
+    r.finish()
+    return ProviderQuirks(
+        fields["error_field"],
+        fields["error_description_field"],
+        tuple(statuses),
+        tuple(sorted(aliases.items())),
+    )
 
 
 def _upstream(table: dict[str, Any], path: str, problems: list[str]) -> UpstreamConfig:
