@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -21,6 +21,7 @@ from sidecar.admin import make_admin_app
 from sidecar.config import Config, UpstreamConfig
 from sidecar.credentials import CredentialManager
 from sidecar.credentials.accounts import AccountService, make_account_service
+from sidecar.credentials.notifier import Notifier
 from sidecar.credentials.refresher import Refresher
 from sidecar.crypto import TokenCipher
 from sidecar.grants import make_grant
@@ -88,6 +89,7 @@ class Sidecar:
             clock,
             tasks,
             rng,
+            Notifier(token_session, config.notify, tasks) if config.notify else None,
         )
         await credentials.reset_client_credentials()
         refresher = Refresher(store, credentials, providers, clock)
@@ -103,7 +105,7 @@ class Sidecar:
             token_session,
             credentials,
             clock,
-            changed=lambda provider, account: refresher.wake(),
+            changed=_on_account_change(credentials, refresher),
         )
         admin = make_admin_app(
             store,
@@ -186,3 +188,15 @@ def upstream_session(cfg: UpstreamConfig) -> aiohttp.ClientSession:
         cookie_jar=aiohttp.DummyCookieJar(),
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
     )
+
+
+def _on_account_change(
+    credentials: CredentialManager, refresher: Refresher
+) -> Callable[[str, str], None]:
+    """After an operator changes an account: drop the cached pair, reschedule refreshes."""
+
+    def changed(provider: str, account: str) -> None:
+        credentials.forget(provider, account)
+        refresher.wake()
+
+    return changed

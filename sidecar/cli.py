@@ -60,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sidecar", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(required=True, metavar="command")
 
+    dev = commands.add_parser(
+        "dev", help="a demo: token endpoint, API and sidecar on 127.0.0.1, no config needed"
+    )
+    dev.add_argument("--port", type=int, default=8081, help="proxy port (default 8081)")
+    dev.add_argument("--admin-port", type=int, default=9901, help="admin port (default 9901)")
+    dev.set_defaults(func=_dev)
+
     run = commands.add_parser("run", help="run the proxy listeners and the admin listener")
     _config_arg(run)
     run.set_defaults(func=_run)
@@ -175,6 +182,29 @@ def _load_for_provider(args: argparse.Namespace) -> Config:
             [f"--provider: no provider named {args.provider!r} (configured: {', '.join(names)})"]
         )
     return cfg
+
+
+def _dev(args: argparse.Namespace) -> int:
+    logs.configure("info")
+    with contextlib.suppress(ImportError):
+        import uvloop
+
+        uvloop.install()
+    return asyncio.run(_serve_dev(args.port, args.admin_port))
+
+
+async def _serve_dev(port: int, admin_port: int) -> int:
+    from sidecar.dev import start_dev
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    stack = await start_dev(time.time, proxy_port=port, admin_port=admin_port)
+    print(stack.instructions(), flush=True)
+    await stop.wait()
+    await stack.stop()
+    return EXIT_OK
 
 
 def _import(args: argparse.Namespace) -> int:

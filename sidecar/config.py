@@ -127,7 +127,7 @@ class ProviderConfig:
     max_concurrent_refreshes: int = 4
     backoff_initial_seconds: float = 1.0
     backoff_max_seconds: float = 300.0
-    max_refreshes_per_second: float = 10.0
+    max_refreshes_per_second: float = 25.0
     # Background refresh: an access token is refreshed once this share of its lifetime is
     # left (at least refresh_lead_seconds, at most half the lifetime), minus per-account jitter.
     refresh_lead_fraction: float = 0.2
@@ -160,6 +160,14 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class NotifyConfig:
+    url: str
+    timeout_seconds: float = 5.0
+    attempts: int = 5
+    retry_initial_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
 class Config:
     store: StoreConfig
     admin: AdminConfig
@@ -168,6 +176,7 @@ class Config:
     shutdown_timeout_seconds: float = 10.0
     log_level: str = "info"
     background_refresh: bool = True
+    notify: NotifyConfig | None = None
 
     def provider(self, name: str) -> ProviderConfig:
         return next(p for p in self.providers if p.name == name)
@@ -254,11 +263,14 @@ def parse(raw: Mapping[str, Any], environ: Mapping[str, str], base_dir: Path) ->
     upstreams = tuple(
         _upstream(t, f"upstream[{i}]", problems) for i, t in enumerate(_tables(top, "upstream"))
     )
+    notify = _notify(_table(top, "notify"), problems)
     _cross_check(providers, upstreams, admin, problems)
     top.finish()
     if problems:
         raise ConfigError(problems)
-    return Config(store, admin, providers, upstreams, shutdown, log_level, background_refresh)
+    return Config(
+        store, admin, providers, upstreams, shutdown, log_level, background_refresh, notify
+    )
 
 
 def _table(top: _Reader, name: str, required: bool = False) -> dict[str, Any]:
@@ -330,6 +342,23 @@ def _read_secret_file(path: Path, name: str, r: _Reader) -> str | None:
 def _resolve(name: str, base_dir: Path) -> Path:
     path = Path(name)
     return path if path.is_absolute() else base_dir / path
+
+
+def _notify(table: dict[str, Any], problems: list[str]) -> NotifyConfig | None:
+    if not table:
+        return None
+    r = _Reader(table, "notify", problems)
+    url = r.get("url", str, "", required=True)
+    if url and not _is_http_url(url):
+        r.problem("url", f"must be an http(s) URL, got {url!r}")
+    cfg = NotifyConfig(
+        url=url,
+        timeout_seconds=r.positive("timeout_seconds", float, 5.0),
+        attempts=r.positive("attempts", int, 5),
+        retry_initial_seconds=r.positive("retry_initial_seconds", float, 1.0),
+    )
+    r.finish()
+    return cfg
 
 
 def _admin(table: dict[str, Any], problems: list[str], base_dir: Path) -> AdminConfig:
@@ -438,7 +467,7 @@ def _provider(
         max_concurrent_refreshes=r.positive("max_concurrent_refreshes", int, 4),
         backoff_initial_seconds=r.positive("backoff_initial_seconds", float, 1.0),
         backoff_max_seconds=r.positive("backoff_max_seconds", float, 300.0),
-        max_refreshes_per_second=r.positive("max_refreshes_per_second", float, 10.0),
+        max_refreshes_per_second=r.positive("max_refreshes_per_second", float, 25.0),
         refresh_lead_fraction=_fraction(r, "refresh_lead_fraction", 0.2),
         refresh_lead_seconds=r.get("refresh_lead_seconds", float, 0.0),
         refresh_jitter_fraction=_fraction(r, "refresh_jitter_fraction", 0.1),

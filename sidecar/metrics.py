@@ -54,6 +54,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.lock_wait = Histogram(
+            "sidecar_refresh_lock_wait_seconds",
+            "Time waiting for an account's refresh lock (shared with other replicas).",
+            ["provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.coalesced = Counter(
             "sidecar_refresh_waiters_coalesced",
             "Refreshes not made because another caller was already refreshing the account.",
@@ -65,6 +72,12 @@ class Metrics:
             "Requests sent upstream with an access token already past its expiry. "
             "Should stay 0: alert if it moves.",
             ["upstream"],
+            registry=r,
+        )
+        self.reauthorizations = Counter(
+            "sidecar_account_reauthorizations",
+            "Accounts that became reauthorization_required, by provider and reason.",
+            ["provider", "reason"],
             registry=r,
         )
         self.accounts = Gauge(

@@ -114,6 +114,8 @@ async def make_sidecar(
             upstream=overrides.get("upstream"),
         )
         raw["sidecar"].update(overrides.get("sidecar", {}))
+        if "notify" in overrides:
+            raw["notify"] = overrides["notify"]
         cfg = config_module.parse(raw, {}, secrets_dir)
         sidecar = await Sidecar.start(
             cfg, clock=clock, registry=CollectorRegistry(), rng=random.Random(7)

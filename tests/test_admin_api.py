@@ -410,9 +410,6 @@ async def test_put_reactivates_an_account_that_needed_reauthorization(
     assert (await proxied(client, sidecar, "ann"))[2]["token"] == "at-new"
 
 
-@pytest.mark.xfail(
-    strict=True, reason="needs CredentialManager.forget: the cache serves the replaced pair"
-)
 async def test_put_replaces_a_pair_the_running_proxy_has_cached(
     start, idp, api, clock, client
 ) -> None:
@@ -662,9 +659,6 @@ async def test_delete_skips_an_expired_access_token(start, idp, api, clock, clie
     assert idp.revocations == [{"token": token.refresh_token, "token_type_hint": "refresh_token"}]
 
 
-@pytest.mark.xfail(
-    strict=True, reason="needs CredentialManager.forget: the cache serves the deleted account"
-)
 async def test_after_delete_the_running_proxy_answers_unknown_account(
     start, idp, api, clock, client
 ) -> None:

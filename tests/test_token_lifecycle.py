@@ -429,3 +429,21 @@ async def test_new_pair_is_not_used_until_persisted(make_sidecar, idp, api, cloc
     assert (status, body["token"]) == (200, "access-2")
     assert [r["refresh_token"] for r in idp.requests] == [seeded.refresh_token]
     assert (await sidecar.credentials._load("example", "main")).token.refresh_token == "refresh-2"
+
+
+async def test_store_outage_keeps_serving_a_valid_cached_token(
+    make_sidecar, idp, api, clock, client
+) -> None:
+    sidecar = await make_sidecar()
+    seeded = await seed(sidecar, idp, api, clock, expires_in=30)  # STALE: wants a refresh
+    api.valid.add("access-2")
+    status, _, body = await get(client, sidecar.url("api") + "/x")
+    assert (status, body["token"]) == (200, "access-2")
+    clock.advance(3600 - 30)  # STALE again
+    await sidecar.store.close()  # the store goes away
+    status, _, body = await get(client, sidecar.url("api") + "/x")
+    assert (status, body["token"]) == (200, "access-2")  # still valid: keeps flowing
+    assert idp.calls == 1 and seeded.access_token not in body["token"]
+    clock.advance(31)  # now expired: never injected, a clear 503 instead
+    status, headers, _ = await get(client, sidecar.url("api") + "/x")
+    assert (status, headers["X-Sidecar-Error"]) == (503, "token_unavailable")

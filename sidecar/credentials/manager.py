@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import math
 import random
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -26,8 +27,10 @@ from aiolimiter import AsyncLimiter
 
 from sidecar.config import CLIENT_CREDENTIALS_ACCOUNT, ProviderConfig
 from sidecar.credentials.codec import seal, unseal
+from sidecar.credentials.notifier import Notifier
 from sidecar.crypto import TokenCipher
 from sidecar.errors import (
+    DecryptError,
     FatalGrantError,
     ReauthorizationRequired,
     StoreError,
@@ -64,7 +67,9 @@ class CredentialManager:
         clock: Clock,
         tasks: Tasks,
         rng: random.Random | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
+        self._notifier = notifier
         self._store, self._cipher, self._grants = store, cipher, grants
         self._providers, self._metrics, self._clock = providers, metrics, clock
         self._tasks, self._rng = tasks, rng or random.Random()
@@ -119,6 +124,13 @@ class CredentialManager:
         """Refresh when ``due`` still holds for the freshly reloaded pair (background refresh)."""
         return await self._join((provider, account), due)
 
+    def forget(self, provider: str, account: str) -> None:
+        """Drop what this process holds for an account after an operator imported,
+        re-authorized or deleted it, so the next request reads the store again."""
+        key = (provider, account)
+        for held in (self._cache, self._backoff, self._unsaved, self._lost):
+            held.pop(key, None)
+
     def retry_at(self, provider: str, account: str) -> float | None:
         """When a refresh of this account may next call the provider, if it is backing off."""
         times = [
@@ -167,8 +179,15 @@ class CredentialManager:
         return cred.token.state(self._clock(), skew) is not TokenState.FRESH
 
     async def _fly(self, key: Key, decide: Decide) -> Credential:
-        async with self._store.hold(*key):
-            return await self._fly_locked(key, decide)
+        waited = time.perf_counter()
+        try:
+            async with self._store.hold(*key):
+                self._metrics.lock_wait.labels(key[0]).observe(time.perf_counter() - waited)
+                return await self._fly_locked(key, decide)
+        except DecryptError:
+            raise
+        except StoreError as exc:  # store down: a still-valid cached token keeps being served
+            raise TransientGrantError(f"token store unavailable: {exc}") from exc
 
     async def _fly_locked(self, key: Key, decide: Decide) -> Credential:
         provider, account = key
@@ -319,6 +338,9 @@ class CredentialManager:
             "account_needs_reauthorization",
             extra={"provider": cred.provider, "account": cred.account, "reason": reason},
         )
+        self._metrics.reauthorizations.labels(cred.provider, reason).inc()
+        if self._notifier is not None:
+            self._notifier.reauthorization_required(cred.provider, cred.account, reason, now)
 
     async def reset_client_credentials(self) -> None:
         """A client_credentials failure is fixed in config, so a restart clears its mark."""
