@@ -66,7 +66,7 @@ ADMIN_TOKEN_MIN_CHARS = 16
 
 @dataclass(frozen=True)
 class StoreConfig:
-    url: str
+    url: str = field(repr=False)  # may carry a database password
     key_file: str
     keys: tuple[bytes, ...] = field(repr=False)  # 32-byte AES keys; the first one encrypts
 
@@ -288,6 +288,12 @@ def _tables(top: _Reader, name: str) -> list[dict[str, Any]]:
 def _store(table: dict[str, Any], problems: list[str], base_dir: Path) -> StoreConfig:
     r = _Reader(table, "store", problems)
     url = r.get("url", str, "sqlite:///var/lib/sidecar/tokens.db")
+    url_file = r.get("url_file", str)  # a PostgreSQL URL with a password, from a Secret
+    if url_file and "url" in table:
+        r.problem("url_file", "set url or url_file, not both")
+    elif url_file:
+        text = _read_secret_file(_resolve(url_file, base_dir), "url_file", r)
+        url = text.strip() if text is not None else url
     if not url.startswith(("sqlite://", "postgresql://", "postgres://", "memory://")):
         r.problem("url", "must start with sqlite://, postgresql:// or memory://")
     key_file = r.get("key_file", str, "", required=True)

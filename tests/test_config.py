@@ -140,3 +140,15 @@ def test_not_toml_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text("[store\n")
     result = check_config(tmp_path / "config.toml")
     assert result.returncode == 2 and "not valid TOML" in result.stderr
+
+
+def test_store_url_from_a_secret_file(secrets_dir: Path) -> None:
+    raw = base_config(secrets_dir, "http://127.0.0.1:1/t", "http://127.0.0.1:2")
+    write_secret(secrets_dir / "store-url", "postgresql://app:pw@db:5432/tokens\n")
+    del raw["store"]["url"]
+    raw["store"]["url_file"] = "store-url"
+    cfg = config_module.parse(raw, {}, secrets_dir)
+    assert cfg.store.url == "postgresql://app:pw@db:5432/tokens"
+    assert "pw" not in repr(cfg)
+    raw["store"]["url"] = "sqlite://x.db"
+    assert problems_of(raw, secrets_dir) == ["store.url_file: set url or url_file, not both"]

@@ -430,13 +430,6 @@ def parse_with_secret_files(
     return []
 
 
-# Keys the chart renders ahead of the sidecar: named here so the test says so, not fails.
-PENDING = {
-    "store.url_file: unknown key": "[store] url_file (PostgreSQL URL from a file)",
-    "admin.token_file: unknown key": "[admin] token_file",
-}
-
-
 @pytest.mark.parametrize("feature", FEATURES)
 def test_rendered_config_passes_sidecar_validation(
     render: Render, feature: str, tmp_path: Path, private_key_pem: str
@@ -447,11 +440,7 @@ def test_rendered_config_passes_sidecar_validation(
     for _, path in secret_file_keys(toml):
         mode = secret_volume_for(spec, path)["secret"]["defaultMode"]
         assert mode & 0o007 == 0, f"{path}: the sidecar refuses world-readable secret files"
-    problems = parse_with_secret_files(toml, tmp_path, private_key_pem)
-    pending = [PENDING[p] for p in problems if p in PENDING]
-    assert [p for p in problems if p not in PENDING] == []
-    if pending:
-        pytest.xfail(f"sidecar.config does not accept {', '.join(pending)} yet")
+    assert parse_with_secret_files(toml, tmp_path, private_key_pem) == []
 
 
 def test_config_values_pass_through_verbatim(render: Render) -> None:
