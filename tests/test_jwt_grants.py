@@ -341,11 +341,6 @@ async def test_audience_and_resource_go_with_every_token_request(
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="CredentialManager keys single-token providers by grant == 'client_credentials'; "
-    "it needs ProviderConfig.single_token",
-)
 async def test_jwt_bearer_grant_through_the_proxy(
     make_sidecar, idp, api, keypair, clock, client
 ) -> None:

@@ -89,9 +89,9 @@ class CredentialManager:
         }
 
     def account_for(self, provider: str, requested: str | None) -> str | None:
-        """The account a request means; a client_credentials provider has exactly one token,
-        so the account a request names does not matter."""
-        if self._providers[provider].grant == "client_credentials":
+        """The account a request means. A provider that issues the client its own token
+        (client_credentials, jwt_bearer) has just one, whatever account a request names."""
+        if self._providers[provider].single_token:
             return CLIENT_CREDENTIALS_ACCOUNT
         return requested
 
@@ -165,9 +165,7 @@ class CredentialManager:
     async def _load(self, provider: str, account: str) -> Credential:
         row = await self._store.get(provider, account)
         if row is None:
-            if account == CLIENT_CREDENTIALS_ACCOUNT and (
-                self._providers[provider].grant == "client_credentials"
-            ):
+            if account == CLIENT_CREDENTIALS_ACCOUNT and self._providers[provider].single_token:
                 return Credential(provider, account, Token("", expires_at=0.0), version=0)
             raise UnknownAccount(f"no account {account!r} for provider {provider!r}")
         cred = unseal(self._cipher, row)
@@ -343,9 +341,9 @@ class CredentialManager:
             self._notifier.reauthorization_required(cred.provider, cred.account, reason, now)
 
     async def reset_client_credentials(self) -> None:
-        """A client_credentials failure is fixed in config, so a restart clears its mark."""
+        """A single-token provider's failure is fixed in config, so a restart clears its mark."""
         for name, provider in self._providers.items():
-            if provider.grant == "client_credentials":
+            if provider.single_token:
                 await self._store.set_state(
                     name, CLIENT_CREDENTIALS_ACCOUNT, AccountState.ACTIVE.value, None, self._clock()
                 )
