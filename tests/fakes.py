@@ -31,7 +31,7 @@ class FakeTokenEndpoint:
 
     ``script`` holds canned answers consumed one per call before normal behaviour resumes:
     each is a callable returning a web.Response (or raising to drop the connection).
-    ``gate``, when set, holds every call until it is set, so tests can pile up waiters.
+    ``gate``, when set, holds every answer until it is set, so tests can pile up waiters.
     """
 
     expires_in: int | None = 3600
@@ -73,11 +73,14 @@ class FakeTokenEndpoint:
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         self.arrived.set()
         try:
+            # The provider acts at once (a rotation happens even if the caller goes away);
+            # only its answer waits for the gate.
+            scripted = self.script.pop(0) if self.script else None
+            answer = scripted() if scripted else self._issue(form)
             if self.gate is not None:
                 await self.gate.wait()
-            if self.script:
-                return self.script.pop(0)()
-            answer = self._issue(form)
+            if scripted:
+                return answer
             if self.drop_answers > 0:
                 self.drop_answers -= 1
                 assert request.transport is not None

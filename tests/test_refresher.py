@@ -148,6 +148,8 @@ async def test_lost_answer_then_invalid_grant_is_refresh_outcome_lost(
     idp.drop_answers = 1  # the provider rotates, but the answer never arrives
     await sidecar.refresher.run_once()
     assert idp.calls == 1
+    sent = await sidecar.store.get("example", "main")
+    assert sent is not None and sent.refresh_attempt_at == clock()  # recorded before sending
     # The current access token is still valid: requests keep flowing meanwhile.
     async with client.get(sidecar.url("api") + "/x") as resp:
         assert resp.status == 200
@@ -179,3 +181,34 @@ async def test_lost_answer_retried_successfully_when_provider_did_not_rotate(
     row = await sidecar.store.get("example", "main")
     assert row is not None and row.state == "active"
     assert (await sidecar.credentials._load("example", "main")).token.access_token == "access-3"
+
+
+async def test_refresh_interrupted_by_a_crash_is_visible_after_restart(
+    make_sidecar,
+    idp,
+    api,
+    clock,
+) -> None:
+    first = await make_sidecar()
+    seeded = await seed(first, idp, api, clock, expires_in=30)
+    clock.advance(25)
+    idp.gate = asyncio.Event()  # the provider receives the refresh...
+    crashed = asyncio.ensure_future(first.refresher.run_once())
+    await asyncio.wait_for(idp.arrived.wait(), 5)
+    crashed.cancel()  # ...and the process dies before the answer arrives
+    await first.stop()
+    idp.gate.set()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while idp.in_flight:  # the provider finishes: it has rotated the refresh token
+        assert loop.time() < deadline
+        await asyncio.sleep(0.01)
+    second = await make_sidecar()  # restart on the same database
+    row = await second.store.get("example", "main")
+    assert row is not None and row.refresh_attempt_at is not None
+    await second.refresher.run_once()
+    assert [r["refresh_token"] for r in idp.requests] == [seeded.refresh_token] * 2
+    row = await second.store.get("example", "main")
+    assert row is not None
+    assert (row.state, row.state_reason) == ("reauthorization_required", "refresh_outcome_lost")
+    assert row.refresh_attempt_at is None

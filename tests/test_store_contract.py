@@ -202,6 +202,26 @@ async def test_compare_and_swap_replaces_the_pair_and_keeps_the_state(store: Tok
     )
 
 
+async def test_refresh_attempt_is_recorded_and_cleared(store: TokenStore) -> None:
+    await store.upsert_many([row(A)])
+    await store.record_refresh_attempt(P, A, 12.5)
+    stored = await store.get(P, A)
+    assert stored is not None and stored.refresh_attempt_at == 12.5
+    assert [r.refresh_attempt_at for r in await store.rows(P)] == [12.5]
+    # A successful refresh writes the new pair without the marker.
+    assert await store.compare_and_swap(row(A, blob=b"new", version=1), expected_version=1)
+    stored = await store.get(P, A)
+    assert stored is not None and stored.refresh_attempt_at is None
+    await store.record_refresh_attempt(P, A, 13.0)
+    await store.record_refresh_attempt(P, A, None)  # the outcome became known
+    stored = await store.get(P, A)
+    assert stored is not None and stored.refresh_attempt_at is None
+    await store.record_refresh_attempt(P, A, 14.0)
+    await store.upsert_many([row(A)])  # an import replaces the pair and clears it too
+    stored = await store.get(P, A)
+    assert stored is not None and stored.refresh_attempt_at is None
+
+
 async def test_compare_and_swap_with_a_stale_version_writes_nothing(store: TokenStore) -> None:
     await store.upsert_many([row(A)])
     assert await store.compare_and_swap(row(A, blob=b"first"), expected_version=1)

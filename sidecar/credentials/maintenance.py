@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable
 from typing import Any
@@ -92,7 +93,9 @@ async def rotate_keys(store: TokenStore, cipher: TokenCipher) -> int:
     for row in await store.rows():
         if row.key_id == cipher.current_key_id:
             continue
-        resealed = seal(cipher, unseal(cipher, row))
+        resealed = dataclasses.replace(
+            seal(cipher, unseal(cipher, row)), refresh_attempt_at=row.refresh_attempt_at
+        )
         if await store.compare_and_swap(resealed, row.version):
             changed += 1
     return changed

@@ -170,6 +170,14 @@ class CredentialManager:
             raise UnknownAccount(f"no account {account!r} for provider {provider!r}")
         cred = unseal(self._cipher, row)
         self._cache[(provider, account)] = cred
+        if row.refresh_attempt_at is not None and (provider, account) not in self._lost:
+            # A refresh was sent and never concluded (a crash, here or in another replica):
+            # the provider may have rotated. Retry with the same token; remember why.
+            self._lost[(provider, account)] = 1
+            log.warning(
+                "refresh_outcome_unknown",
+                extra={"provider": provider, "account": account, "sent_at": row.refresh_attempt_at},
+            )
         return cred
 
     def _is_not_fresh(self, cred: Credential) -> bool:
@@ -202,6 +210,7 @@ class CredentialManager:
             if retry_at is not None and self._clock() < retry_at:
                 raise TransientGrantError("backing off after an earlier failure")
             async with self._rates[provider]:
+                await self._store.record_refresh_attempt(provider, account, self._clock())
                 new_token = await self._call_provider(cred)
         now = self._clock()
         fresh = dataclasses.replace(
@@ -227,10 +236,13 @@ class CredentialManager:
             # After a lost answer, invalid_grant most likely means the provider did rotate:
             # the new pair is gone, and the operator should know why.
             reason = "refresh_outcome_lost" if self._lost.pop(key, 0) else exc.error
+            await self._store.record_refresh_attempt(cred.provider, cred.account, None)
             await self._mark_reauthorization(cred, reason)
             raise ReauthorizationRequired(reason, start) from exc
         except TransientGrantError as exc:
             metrics.refreshes.labels(cred.provider, "transient_error").inc()
+            if not exc.outcome_unknown:  # it never reached the provider, or it said no
+                await self._store.record_refresh_attempt(cred.provider, cred.account, None)
             await self._after_transient(cred, exc)
             raise
         metrics.refreshes.labels(cred.provider, "success").inc()

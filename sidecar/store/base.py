@@ -23,6 +23,7 @@ class StoredRow:
     state_reason: str | None = None
     state_changed_at: float | None = None
     refreshed_at: float | None = None
+    refresh_attempt_at: float | None = None  # a refresh was sent; its outcome is not known
 
 
 class TokenStore(Protocol):
@@ -41,6 +42,13 @@ class TokenStore(Protocol):
         Only the pair and its expiry and refresh time change; the account's state does not.
 
         Returns False (and writes nothing) when the row changed or vanished meanwhile.
+        """
+
+    async def record_refresh_attempt(self, provider: str, account: str, at: float | None) -> None:
+        """Mark that a refresh is being sent (``at``), or that its outcome is known (None).
+
+        Written before the provider is called, so a crash in the middle is visible after a
+        restart: the provider may have rotated the refresh token without us learning it.
         """
 
     async def set_state(

@@ -31,6 +31,7 @@ class MemoryStore:
                 state="active",
                 state_reason=None,
                 state_changed_at=None,
+                refresh_attempt_at=None,
             )
 
     async def compare_and_swap(self, row: StoredRow, expected_version: int) -> bool:
@@ -43,9 +44,15 @@ class MemoryStore:
             ciphertext=row.ciphertext,
             expires_at=row.expires_at,
             refreshed_at=row.refreshed_at,
+            refresh_attempt_at=row.refresh_attempt_at,
             version=expected_version + 1,
         )
         return True
+
+    async def record_refresh_attempt(self, provider: str, account: str, at: float | None) -> None:
+        old = self._rows.get((provider, account))
+        if old is not None:
+            self._rows[(provider, account)] = dataclasses.replace(old, refresh_attempt_at=at)
 
     async def set_state(
         self, provider: str, account: str, state: str, reason: str | None, at: float

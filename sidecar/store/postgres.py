@@ -54,6 +54,7 @@ MIGRATIONS = (
     );
     CREATE INDEX sidecar_credentials_expiry ON sidecar_credentials (provider, expires_at);
     """,
+    "ALTER TABLE sidecar_credentials ADD COLUMN refresh_attempt_at double precision",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 SCHEMA_TABLE = """
@@ -64,7 +65,7 @@ SCHEMA_TABLE = """
 """
 COLUMNS = (
     "provider, account, key_id, ciphertext, expires_at, version, state, state_reason, "
-    "state_changed_at, refreshed_at"
+    "state_changed_at, refreshed_at, refresh_attempt_at"
 )
 # Everything asyncpg raises for a failed query or connection; CancelledError passes through.
 # InternalClientError: e.g. a query on a connection the server has just dropped.
@@ -139,7 +140,8 @@ class PostgresStore:
                     "ON CONFLICT (provider, account) DO UPDATE SET key_id = excluded.key_id, "
                     "ciphertext = excluded.ciphertext, expires_at = excluded.expires_at, "
                     "refreshed_at = excluded.refreshed_at, version = c.version + 1, "
-                    "state = 'active', state_reason = NULL, state_changed_at = NULL",
+                    "state = 'active', state_reason = NULL, state_changed_at = NULL, "
+                    "refresh_attempt_at = NULL",
                     params,
                 )
 
@@ -147,7 +149,7 @@ class PostgresStore:
         with _translate("write"):
             status = await self._pool.execute(
                 "UPDATE sidecar_credentials SET key_id = $1, ciphertext = $2, expires_at = $3, "
-                "refreshed_at = $4, version = version + 1 "
+                "refreshed_at = $4, refresh_attempt_at = $8, version = version + 1 "
                 "WHERE provider = $5 AND account = $6 AND version = $7",
                 row.key_id,
                 row.ciphertext,
@@ -156,8 +158,19 @@ class PostgresStore:
                 row.provider,
                 row.account,
                 expected_version,
+                row.refresh_attempt_at,
             )
         return bool(status == "UPDATE 1")
+
+    async def record_refresh_attempt(self, provider: str, account: str, at: float | None) -> None:
+        with _translate("write"):
+            await self._pool.execute(
+                "UPDATE sidecar_credentials SET refresh_attempt_at = $1 "
+                "WHERE provider = $2 AND account = $3",
+                at,
+                provider,
+                account,
+            )
 
     async def set_state(
         self, provider: str, account: str, state: str, reason: str | None, at: float

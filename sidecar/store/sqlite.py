@@ -56,11 +56,12 @@ MIGRATIONS = (
     ) WITHOUT ROWID;
     CREATE INDEX credentials_expiry ON credentials (provider, expires_at);
     """,
+    "ALTER TABLE credentials ADD COLUMN refresh_attempt_at REAL",
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 COLUMNS = (
     "provider, account, key_id, ciphertext, expires_at, version, state, state_reason, "
-    "state_changed_at, refreshed_at"
+    "state_changed_at, refreshed_at, refresh_attempt_at"
 )
 
 
@@ -152,7 +153,8 @@ class SQLiteStore:
                     "ON CONFLICT (provider, account) DO UPDATE SET key_id = excluded.key_id, "
                     "ciphertext = excluded.ciphertext, expires_at = excluded.expires_at, "
                     "refreshed_at = excluded.refreshed_at, version = credentials.version + 1, "
-                    "state = 'active', state_reason = NULL, state_changed_at = NULL",
+                    "state = 'active', state_reason = NULL, state_changed_at = NULL, "
+                    "refresh_attempt_at = NULL",
                     params,
                 )
         except sqlite3.Error as exc:
@@ -169,19 +171,26 @@ class SQLiteStore:
     async def compare_and_swap(self, row: StoredRow, expected_version: int) -> bool:
         changed = await self._write(
             "UPDATE credentials SET key_id = ?, ciphertext = ?, expires_at = ?, "
-            "refreshed_at = ?, version = version + 1 "
+            "refreshed_at = ?, refresh_attempt_at = ?, version = version + 1 "
             "WHERE provider = ? AND account = ? AND version = ?",
             (
                 row.key_id,
                 row.ciphertext,
                 row.expires_at,
                 row.refreshed_at,
+                row.refresh_attempt_at,
                 row.provider,
                 row.account,
                 expected_version,
             ),
         )
         return changed == 1
+
+    async def record_refresh_attempt(self, provider: str, account: str, at: float | None) -> None:
+        await self._write(
+            "UPDATE credentials SET refresh_attempt_at = ? WHERE provider = ? AND account = ?",
+            (at, provider, account),
+        )
 
     async def set_state(
         self, provider: str, account: str, state: str, reason: str | None, at: float
