@@ -114,6 +114,7 @@ async def make_sidecar(
             upstream=overrides.get("upstream"),
         )
         raw["sidecar"].update(overrides.get("sidecar", {}))
+        raw["admin"].update(overrides.get("admin", {}))
         if "notify" in overrides:
             raw["notify"] = overrides["notify"]
         cfg = config_module.parse(raw, {}, secrets_dir)

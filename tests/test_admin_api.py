@@ -8,7 +8,6 @@ import base64
 import hashlib
 import json
 import logging
-import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,7 +19,6 @@ import aiohttp
 import jsonschema
 import pytest
 from aiohttp import web
-from prometheus_client import CollectorRegistry
 
 from sidecar import config as config_module
 from sidecar.admin import make_admin_app
@@ -30,8 +28,8 @@ from sidecar.errors import ConfigError
 from sidecar.logs import JsonFormatter
 from sidecar.metrics import Metrics
 from sidecar.store.memory import MemoryStore
-from tests.conftest import base_config, seed, write_secret
-from tests.fakes import FakeTokenEndpoint, FakeUpstream, ManualClock, oauth_error
+from tests.conftest import MakeSidecar, base_config, seed, write_secret
+from tests.fakes import FakeTokenEndpoint, oauth_error
 
 ADMIN_TOKEN = "admin-token-5f1d3c9e7a2b"
 SPEC: dict[str, Any] = json.loads(resources.files("sidecar").joinpath("openapi.json").read_text())
@@ -111,33 +109,22 @@ Start = Callable[..., Awaitable[Sidecar]]
 
 
 @pytest.fixture
-async def start(
-    secrets_dir: Path, idp: AuthServer, api: FakeUpstream, clock: ManualClock
-) -> AsyncIterator[Start]:
+def start(make_sidecar: MakeSidecar, secrets_dir: Path, idp: AuthServer) -> Start:
     """A sidecar with an admin token and a revocation endpoint; no background refresh, so
     every token endpoint call in a test is one the test made."""
-    started: list[Sidecar] = []
 
     async def make(
         *, admin_token: str | None = ADMIN_TOKEN, provider: dict[str, Any] | None = None
     ) -> Sidecar:
         provider = {"revocation_url": idp.revoke_url, **(provider or {})}  # type: ignore[attr-defined]
         provider = {k: v for k, v in provider.items() if v is not None}  # None: leave it out
-        raw = base_config(secrets_dir, idp.url, api.url, provider=provider)  # type: ignore[attr-defined]
-        raw["sidecar"]["background_refresh"] = False
+        admin = {}
         if admin_token is not None:
             write_secret(secrets_dir / "admin.token", admin_token + "\n")
-            raw["admin"]["token_file"] = "admin.token"
-        cfg = config_module.parse(raw, {}, secrets_dir)
-        sidecar = await Sidecar.start(
-            cfg, clock=clock, registry=CollectorRegistry(), rng=random.Random(7)
-        )
-        started.append(sidecar)
-        return sidecar
+            admin = {"token_file": "admin.token"}
+        return await make_sidecar(provider=provider, admin=admin)
 
-    yield make
-    for sidecar in started:
-        await sidecar.stop()
+    return make
 
 
 Answer = tuple[int, dict[str, str], Any]

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,44 @@ async def wait_ready(url: str, proc: asyncio.subprocess.Process, deadline: float
     raise AssertionError("sidecar did not become ready")
 
 
+@dataclass
+class SidecarProcess:
+    proc: asyncio.subprocess.Process
+    proxy_url: str
+
+
+async def start_sidecar_process(
+    secrets_dir: Path, token_url: str, target: str, access_token: str, stderr: int
+) -> SidecarProcess:
+    """`sidecar accounts import` one account, then `sidecar run` until /readyz answers."""
+    raw = base_config(secrets_dir, token_url, target)
+    admin_port, proxy_port = free_port(), free_port()
+    raw["admin"]["listen"] = f"127.0.0.1:{admin_port}"
+    raw["upstream"][0]["listen"] = f"127.0.0.1:{proxy_port}"
+    config = write_config(secrets_dir, raw)
+    line = json.dumps(
+        {
+            "account": "main",
+            "access_token": access_token,
+            "refresh_token": access_token + "-refresh",
+        }
+    )
+    imported = sidecar_cmd(
+        "accounts", "import", "--config", str(config), "--provider", "example", stdin=line
+    )
+    assert imported.returncode == 0, imported.stderr
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "sidecar", "run", "--config", str(config), stderr=stderr
+    )
+    try:
+        await wait_ready(f"http://127.0.0.1:{admin_port}/readyz", proc)
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
+    return SidecarProcess(proc, f"http://127.0.0.1:{proxy_port}")
+
+
 async def test_run_serves_and_sigterm_drains_in_flight(
     secrets_dir: Path, aiohttp_server, idp
 ) -> None:
@@ -157,36 +196,18 @@ async def test_run_serves_and_sigterm_drains_in_flight(
     app = web.Application()
     app.router.add_get("/{tail:.*}", slow)
     upstream = await aiohttp_server(app)
-    raw = base_config(secrets_dir, idp.url, str(upstream.make_url("")).rstrip("/"))
-    admin_port, proxy_port = free_port(), free_port()
-    raw["admin"]["listen"] = f"127.0.0.1:{admin_port}"
-    raw["upstream"][0]["listen"] = f"127.0.0.1:{proxy_port}"
-    config = write_config(secrets_dir, raw)
-    imported = sidecar_cmd(
-        "accounts",
-        "import",
-        "--config",
-        str(config),
-        "--provider",
-        "example",
-        stdin=json.dumps(
-            {"account": "main", "access_token": "cli-access-token", "refresh_token": "cli-refresh"}
-        ),
+    started = await start_sidecar_process(
+        secrets_dir,
+        idp.url,
+        str(upstream.make_url("")).rstrip("/"),
+        "cli-access-token",
+        asyncio.subprocess.PIPE,
     )
-    assert imported.returncode == 0, imported.stderr
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sidecar",
-        "run",
-        "--config",
-        str(config),
-        stderr=asyncio.subprocess.PIPE,
-    )
+    proc, proxy_url = started.proc, started.proxy_url
+    proxy_port = int(proxy_url.rsplit(":", 1)[1])
     try:
-        await wait_ready(f"http://127.0.0.1:{admin_port}/readyz", proc)
         async with aiohttp.ClientSession() as client:
-            request = asyncio.ensure_future(client.get(f"http://127.0.0.1:{proxy_port}/x"))
+            request = asyncio.ensure_future(client.get(f"{proxy_url}/x"))
             await asyncio.wait_for(arrived.wait(), 10)
             proc.send_signal(signal.SIGTERM)
             # Stopped accepting: a new connection is refused while the old request drains.
@@ -210,7 +231,7 @@ async def test_run_serves_and_sigterm_drains_in_flight(
         logs = (await proc.stderr.read()).decode()
         events = [json.loads(line)["event"] for line in logs.splitlines()]
         assert events[-1] == "stopped" and "ready" in events and "stopping" in events
-        assert "cli-access-token" not in logs and "cli-refresh" not in logs
+        assert "cli-access-token" not in logs  # nor its refresh token, "cli-access-token-refresh"
         assert "s3cr3t" not in logs
     finally:
         if proc.returncode is None:

@@ -6,16 +6,13 @@ The default size keeps the suite quick; SIDECAR_TEST_UPLOAD_MIB=1024 runs the 1 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import sys
 from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
-from tests.conftest import base_config
-from tests.test_cli import free_port, sidecar_cmd, wait_ready, write_config
+from tests.test_cli import start_sidecar_process
 
 MIB = 1024 * 1024
 
@@ -41,30 +38,16 @@ async def test_large_upload_does_not_grow_memory(secrets_dir: Path, aiohttp_serv
     app = web.Application()
     app.router.add_post("/upload", sink)
     upstream = await aiohttp_server(app)
-    raw = base_config(secrets_dir, idp.url, str(upstream.make_url("")).rstrip("/"))
-    admin_port, proxy_port = free_port(), free_port()
-    raw["admin"]["listen"] = f"127.0.0.1:{admin_port}"
-    raw["upstream"][0]["listen"] = f"127.0.0.1:{proxy_port}"
-    config = write_config(secrets_dir, raw)
-    line = json.dumps({"account": "main", "access_token": "a", "refresh_token": "r"})
-    assert (
-        sidecar_cmd(
-            "accounts", "import", "--config", str(config), "--provider", "example", stdin=line
-        ).returncode
-        == 0
+    started = await start_sidecar_process(
+        secrets_dir,
+        idp.url,
+        str(upstream.make_url("")).rstrip("/"),
+        "a",
+        asyncio.subprocess.DEVNULL,
     )
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sidecar",
-        "run",
-        "--config",
-        str(config),
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    proc = started.proc
     try:
-        await wait_ready(f"http://127.0.0.1:{admin_port}/readyz", proc)
-        url = f"http://127.0.0.1:{proxy_port}/upload"
+        url = f"{started.proxy_url}/upload"
 
         async def body(total: int):
             chunk = b"\x00" * (256 * 1024)
