@@ -16,7 +16,6 @@ import hashlib
 import os
 from collections.abc import Mapping
 
-import jwt
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -75,4 +74,6 @@ def sign_jwt(
 ) -> str:
     """A compact JWS (RFC 7515 §7.1) over ``claims``; ``key_id`` becomes the ``kid`` header."""
     headers = {"kid": key_id} if key_id else None
+    import jwt  # on demand: only JWT-using providers pay for PyJWT's imports
+
     return jwt.encode(dict(claims), key, algorithm=algorithm, headers=headers)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from sidecar.errors import StoreError
 from sidecar.store.base import StoredRow, TokenStore
 from sidecar.store.memory import MemoryStore
-from sidecar.store.postgres import PostgresStore
 from sidecar.store.sqlite import SQLiteStore, sqlite_path
 
 __all__ = ["StoredRow", "TokenStore", "open_store"]
@@ -16,6 +15,9 @@ async def open_store(url: str) -> TokenStore:
     if url.startswith("sqlite://"):
         return await SQLiteStore.open(sqlite_path(url))
     if url.startswith(("postgresql://", "postgres://")):
+        # Imported on demand: asyncpg costs ~15 MiB of RSS that SQLite users never need.
+        from sidecar.store.postgres import PostgresStore
+
         return await PostgresStore.open(url)
     if url.startswith("memory://"):
         return MemoryStore()
