@@ -278,7 +278,7 @@ class Target:
     """One proxy under test (or `direct`: straight to the upstream)."""
 
     name: str
-    kind: str  # direct | nginx | haproxy | aiohttp | sidecar
+    kind: str  # direct | nginx | haproxy | aiohttp | raw | sidecar
     port: int
     admin_port: int = 0
     binary: str = ""  # the sidecar executable, for kind sidecar
@@ -385,6 +385,17 @@ class Target:
             ]
         if self.kind == "sidecar":
             return [self.binary, "run", "--config", str(self.config)]
+        if self.kind == "raw":
+            return [
+                opts.python,
+                str(HERE / "peers" / "raw_asyncio_proxy.py"),
+                "--port",
+                str(self.port),
+                "--upstream",
+                upstream,
+                "--token",
+                TOKEN,
+            ]
         raise ValueError(self.kind)
 
     def start(self, opts: argparse.Namespace, logs: Path) -> float:
@@ -428,7 +439,7 @@ def make_targets(opts: argparse.Namespace) -> list[Target]:
     for i, spec in enumerate(opts.targets.split(",")):
         name, _, binary = spec.partition("=")
         kind = "sidecar" if name.startswith("sidecar") else name
-        if kind not in ("direct", "nginx", "haproxy", "aiohttp", "sidecar"):
+        if kind not in ("direct", "nginx", "haproxy", "aiohttp", "raw", "sidecar"):
             raise SystemExit(f"unknown target {name!r}")
         port = UPSTREAM_PORT if kind == "direct" else 18100 + i
         admin_port = 18200 + i if kind == "sidecar" else 0
@@ -938,7 +949,7 @@ def main() -> int:
     run.add_argument(
         "--targets",
         default=",".join(DEFAULT_TARGETS),
-        help="comma list from direct,nginx,haproxy,aiohttp,sidecar; a second sidecar "
+        help="comma list from direct,nginx,haproxy,aiohttp,raw,sidecar; a second sidecar "
         "build is added as sidecar-NAME=/path/to/bin/sidecar",
     )
     run.add_argument("--scenarios", default=",".join(SCENARIOS))
