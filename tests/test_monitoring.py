@@ -23,6 +23,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar.errors import ReauthorizationRequired
 from tests.conftest import seed
 from tests.fakes import FakeTokenEndpoint, FakeUpstream, ManualClock
 from tests.test_helm import install_tool
@@ -48,6 +49,7 @@ DASHBOARD_MUST_SHOW = {
     "sidecar_token_refreshes_total": "refreshes",
     "sidecar_retries_total": "retries",
     "sidecar_accounts": "accounts by state",
+    "sidecar_account_reauthorizations_total": "re-authorization events",
 }
 
 
@@ -110,7 +112,8 @@ async def metrics_text(
     clock: ManualClock,
     client: aiohttp.ClientSession,
 ) -> str:
-    """/metrics after a served request, a 401 answered by refresh and replay, and an error."""
+    """/metrics after a served request, a 401 answered by refresh and replay, an error, and an
+    account whose refresh token the provider rejected."""
     sidecar = await make_sidecar()
     seeded = await seed(sidecar, idp, api, clock)
     api_url = sidecar.url("api")
@@ -125,6 +128,12 @@ async def metrics_text(
         assert resp.status == 404  # the sidecar's own answer: counted by code
     # Two callers at once: the second joins the first one's refresh flight.
     await asyncio.gather(*(sidecar.credentials.refresh("example", "main", None) for _ in "ab"))
+    # The API rejects a second account's token, whose refresh token the provider no longer
+    # knows: invalid_grant, and the account needs re-authorization.
+    revoked = await seed(sidecar, idp, api, clock, account="revoked")
+    idp.valid_refresh.discard(revoked.refresh_token or "")
+    with pytest.raises(ReauthorizationRequired):
+        await sidecar.credentials.refresh("example", "revoked", revoked)
     async with client.get(sidecar.url("admin") + "/metrics") as resp:
         assert resp.status == 200
         return await resp.text()
@@ -361,6 +370,17 @@ def test_dashboard_shows_what_was_asked() -> None:
     used = set().union(*(metric_names(e) for e in dashboard_exprs()))
     missing = {what for name, what in DASHBOARD_MUST_SHOW.items() if name not in used}
     assert not missing
+
+
+def test_dashboard_shows_accounts_needing_reauthorization() -> None:
+    """Selected by state, not only one line among the others of "accounts by state"."""
+    selected = {
+        (metric, label, value)
+        for expr in dashboard_exprs()
+        for metric, label, op, value in selectors(expr)
+        if op == "="
+    }
+    assert ("sidecar_accounts", "state", "reauthorization_required") in selected
 
 
 def test_promtool_parses_the_dashboard_queries(promtool: str, tmp_path: Path) -> None:
