@@ -18,6 +18,7 @@ import sys
 import textwrap
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -387,18 +388,23 @@ HOLDER = textwrap.dedent(
 
     async def main():
         store = await open_store(sys.argv[1])
-        async with store.hold(sys.argv[2], sys.argv[3]):
-            print("held", flush=True)
-            sys.stdin.readline()  # hold until killed
+        if sys.argv[4] == "try_hold":
+            async with store.try_hold(sys.argv[2], sys.argv[3]) as held:
+                print("held" if held else "busy", flush=True)
+                sys.stdin.readline()  # hold until killed
+        else:
+            async with store.hold(sys.argv[2], sys.argv[3]):
+                print("held", flush=True)
+                sys.stdin.readline()
 
     asyncio.run(main())
     """
 )
 
 
-async def test_hold_excludes_another_process_and_is_released_when_it_dies(
-    backend: Backend, store: TokenStore
-) -> None:
+@asynccontextmanager
+async def holder_process(backend: Backend, how: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A child process holding the lock on (P, A), taken with ``hold`` or ``try_hold``."""
     backend.needs_processes()
     child = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -407,6 +413,7 @@ async def test_hold_excludes_another_process_and_is_released_when_it_dies(
         str(backend.url),
         P,
         A,
+        how,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         cwd=ROOT,
@@ -414,6 +421,22 @@ async def test_hold_excludes_another_process_and_is_released_when_it_dies(
     try:
         assert child.stdout is not None
         assert await asyncio.wait_for(child.stdout.readline(), 30) == b"held\n"
+        yield child
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+
+
+async def kill(child: asyncio.subprocess.Process) -> None:
+    child.send_signal(signal.SIGKILL)  # no cleanup runs: the OS or server must free the lock
+    assert await child.wait() == -signal.SIGKILL
+
+
+async def test_hold_excludes_another_process_and_is_released_when_it_dies(
+    backend: Backend, store: TokenStore
+) -> None:
+    async with holder_process(backend, "hold") as child:
         entered = asyncio.Event()
 
         async def waiter() -> None:
@@ -423,14 +446,132 @@ async def test_hold_excludes_another_process_and_is_released_when_it_dies(
         waiting = asyncio.create_task(waiter())
         await backend.blocked(1)
         assert not entered.is_set()
-        child.send_signal(signal.SIGKILL)  # no cleanup runs: the OS or server must free it
-        assert await child.wait() == -signal.SIGKILL
+        await kill(child)
         await asyncio.wait_for(waiting, 10)
         assert entered.is_set()
-    finally:
-        if child.returncode is None:
-            child.kill()
-            await child.wait()
+
+
+# --- the non-blocking refresh lock (background refresh) ---------------------------------------
+
+
+@pytest.mark.parametrize("same_instance", [True, False], ids=["same-store", "two-stores"])
+async def test_try_hold_is_refused_at_once_while_another_holds(
+    backend: Backend, stores: Callable[[], Awaitable[TokenStore]], same_instance: bool
+) -> None:
+    first = await stores()
+    second = first if same_instance else await stores()
+    async with first.hold(P, A):
+        async with asyncio.timeout(10), second.try_hold(P, A) as held:
+            assert held is False
+        assert await backend.lock_waiters(P, A) == 0  # it never queued for the lock
+        async with second.try_hold(P, "bob") as other, second.try_hold("other", A) as third:
+            assert (other, third) == (True, True)  # other accounts' locks are free
+    async with asyncio.timeout(10), second.try_hold(P, A) as held:
+        assert held is True  # free once the holder exited; a refusal kept nothing
+
+
+@pytest.mark.parametrize("same_instance", [True, False], ids=["same-store", "two-stores"])
+async def test_a_lock_taken_by_try_hold_excludes_others_until_exit(
+    backend: Backend, stores: Callable[[], Awaitable[TokenStore]], same_instance: bool
+) -> None:
+    first = await stores()
+    second = first if same_instance else await stores()
+    order: list[str] = []
+
+    async def waiter() -> None:
+        async with second.hold(P, A):
+            order.append("second in")
+
+    async with first.try_hold(P, A) as held:
+        assert held is True
+        async with second.try_hold(P, A) as again:
+            assert again is False
+        waiting = asyncio.create_task(waiter())
+        await backend.blocked(1)
+        assert not waiting.done()
+        order.append("first out")
+    await asyncio.wait_for(waiting, 10)
+    assert order == ["first out", "second in"]
+    async with asyncio.timeout(10), first.try_hold(P, A) as held:
+        assert held is True
+
+
+async def test_try_hold_is_released_when_the_body_raises(store: TokenStore) -> None:
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        async with store.try_hold(P, A) as held:
+            assert held is True
+            raise Boom
+    with pytest.raises(Boom):
+        async with store.hold(P, A), store.try_hold(P, A) as held:
+            assert held is False
+            raise Boom  # a refused try_hold has nothing to release
+    async with asyncio.timeout(10), store.hold(P, A), store.try_hold(P, "bob") as held:
+        assert held is True
+
+
+async def test_try_hold_is_refused_while_another_process_holds_until_it_dies(
+    backend: Backend, store: TokenStore
+) -> None:
+    async with holder_process(backend, "hold") as child:
+        async with asyncio.timeout(10), store.try_hold(P, A) as held:
+            assert held is False
+        await kill(child)
+
+        async def obtained() -> bool:  # the kernel or server frees it soon, not at once
+            async with store.try_hold(P, A) as held:
+                return held
+
+        await eventually(obtained, "the dead holder's lock is free")
+
+
+async def test_a_lock_taken_by_try_hold_in_another_process_is_freed_when_it_dies(
+    backend: Backend, store: TokenStore
+) -> None:
+    async with holder_process(backend, "try_hold") as child:
+        async with store.try_hold(P, A) as held:
+            assert held is False
+        entered = asyncio.Event()
+
+        async def waiter() -> None:
+            async with store.hold(P, A):
+                entered.set()
+
+        waiting = asyncio.create_task(waiter())
+        await backend.blocked(1)
+        assert not entered.is_set()
+        await kill(child)
+        await asyncio.wait_for(waiting, 10)
+        assert entered.is_set()
+
+
+async def test_memory_try_hold_does_not_overtake_a_woken_waiter() -> None:
+    """Just after a release the asyncio lock looks free while the waiter it woke has not run
+    yet; try_hold must not queue behind that waiter (which could hold it for a whole
+    refresh), nor take the lock from it."""
+    store = MemoryStore()
+    entered: list[str] = []
+
+    async def waiter() -> None:
+        async with store.hold(P, A):
+            entered.append("waiter")
+
+    async with store.hold(P, A):
+        waiting = asyncio.create_task(waiter())
+
+        async def queued() -> bool:
+            lock = store._locks[(P, A)]
+            return len(lock._waiters or ()) == 1
+
+        await eventually(queued, "the waiter queued")
+    async with asyncio.timeout(10), store.try_hold(P, A) as held:
+        assert held is False
+    await waiting
+    assert entered == ["waiter"]
+    async with store.try_hold(P, A) as held:
+        assert held is True
 
 
 # --- schema and migrations --------------------------------------------------------------------

@@ -72,6 +72,14 @@ class TokenStore(Protocol):
         holder exits the block or dies. Waiters block until it is free, without polling.
         """
 
+    def try_hold(self, provider: str, account: str) -> AbstractAsyncContextManager[bool]:
+        """The same lock as ``hold``, taken only if that needs no wait: yields whether it was.
+
+        Yields False at once when another holder (in any process) has it, and then holds
+        nothing. When it yields True the lock is held, and released, exactly as by ``hold``.
+        For work that can be left to whoever holds the lock (background refresh).
+        """
+
     async def ping(self) -> None:
         """Raise StoreError when the store cannot be reached."""
 

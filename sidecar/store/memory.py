@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections import Counter
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 from sidecar.errors import StoreError
 from sidecar.store.base import StoredRow
@@ -75,6 +76,25 @@ class MemoryStore:
     def hold(self, provider: str, account: str) -> AbstractAsyncContextManager[None]:
         # Nothing else can share this store, so an asyncio lock per account is the whole story.
         return self._locks.setdefault((provider, account), asyncio.Lock())
+
+    @asynccontextmanager
+    async def try_hold(self, provider: str, account: str) -> AsyncIterator[bool]:
+        lock = self._locks.setdefault((provider, account), asyncio.Lock())
+        if lock.locked():
+            yield False
+            return
+        try:
+            # Unlocked, but a waiter that was just woken may be about to take it: then the
+            # acquire would queue, and the zero timeout withdraws it instead of waiting.
+            async with asyncio.timeout(0):
+                await lock.acquire()
+        except TimeoutError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lock.release()
 
     async def ping(self) -> None:
         return None

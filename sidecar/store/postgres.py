@@ -8,9 +8,10 @@ whole refresh, so a lock lasts as long as a slow token endpoint takes (no expiry
 vanishes with the session when its holder dies (the server drops a dead client's connection).
 A waiter blocks inside ``pg_advisory_lock`` and the server wakes it the moment the holder
 unlocks: no polling, and no LISTEN/NOTIFY needed, because a waiter rereads the row as soon as
-it holds the lock. Locks come from their own pool so holders, which read and write through
-the query pool meanwhile, can never exhaust it. Session locks need a direct connection (or a
-pooler in session mode), not a transaction-mode pooler.
+it holds the lock. ``try_hold`` takes the same key with ``pg_try_advisory_lock``, which answers
+at once, and holds it the same way. Locks come from their own pool so holders, which read and
+write through the query pool meanwhile, can never exhaust it. Session locks need a direct
+connection (or a pooler in session mode), not a transaction-mode pooler.
 
 Migrations run at start inside one transaction under ``pg_advisory_xact_lock``, so replicas
 starting together apply each migration once; ``sidecar_schema`` records the version.
@@ -213,38 +214,62 @@ class PostgresStore:
 
     @asynccontextmanager
     async def hold(self, provider: str, account: str) -> AsyncIterator[None]:
+        async with self._locked(provider, account, wait=True):
+            yield
+
+    @asynccontextmanager
+    async def try_hold(self, provider: str, account: str) -> AsyncIterator[bool]:
+        async with self._locked(provider, account, wait=False) as held:
+            yield held
+
+    @asynccontextmanager
+    async def _locked(self, provider: str, account: str, wait: bool) -> AsyncIterator[bool]:
+        """The account's advisory lock: waiting for it, or only if it is free now."""
         key = lock_key("refresh", self._scope, provider, account)
         started = time.monotonic()
-        conn = await self._lock(key)
+        conn = await self._lock(key, wait)
+        who = {"provider": provider, "account": account}
+        if conn is None:
+            log.debug("refresh_lock_busy", extra=who)
+            yield False
+            return
         acquired = time.monotonic()
         log.debug(
             "refresh_lock_acquired",
-            extra={"provider": provider, "account": account, "waited_seconds": acquired - started},
+            extra={**who, "waited_seconds": acquired - started, "blocking": wait},
         )
         try:
-            yield
+            yield True
         finally:
             await self._unlock(conn, key)
             log.debug(
                 "refresh_lock_released",
-                extra={
-                    "provider": provider,
-                    "account": account,
-                    "held_seconds": time.monotonic() - acquired,
-                },
+                extra={**who, "held_seconds": time.monotonic() - acquired},
             )
 
-    async def _lock(self, key: int) -> Any:
+    async def _lock(self, key: int, wait: bool) -> Any | None:
+        """A lock connection holding ``key``; None when ``wait`` is False and it is taken.
+
+        The wait for a connection of the lock pool is this process's own: another replica's
+        lock never makes ``pg_try_advisory_lock`` wait.
+        """
         with _translate("taking a refresh lock"):
             conn = await self._locks.acquire()
         try:
             with _translate("taking a refresh lock"):
-                await conn.execute("SELECT pg_advisory_lock($1)", key)
+                if wait:
+                    await conn.execute("SELECT pg_advisory_lock($1)", key)
+                    got = True
+                else:
+                    got = await conn.fetchval("SELECT pg_try_advisory_lock($1)", key)
         except BaseException:
             # Also when cancelled: the pool's reset runs pg_advisory_unlock_all(), so a lock
             # granted just as we gave up is not kept.
             await self._release(conn)
             raise
+        if not got:
+            await self._release(conn)
+            return None
         return conn
 
     async def _unlock(self, conn: Any, key: int) -> None:

@@ -12,7 +12,8 @@ do (fcntl record locks would not, and closing any descriptor would drop them all
 kernel releases them when the holder dies. The blocking ``flock`` call runs in a daemon thread
 of its own: it holds no executor worker and never delays interpreter exit; a waiter that is
 cancelled hands the descriptor to that thread, which closes it (freeing the lock) if the lock
-comes after all.
+comes after all. ``try_hold`` flocks the same file with ``LOCK_NB``, which never waits, so it
+runs on the event loop.
 """
 
 from __future__ import annotations
@@ -227,24 +228,37 @@ class SQLiteStore:
 
     @asynccontextmanager
     async def hold(self, provider: str, account: str) -> AsyncIterator[None]:
+        async with self._locked(provider, account, wait=True):
+            yield
+
+    @asynccontextmanager
+    async def try_hold(self, provider: str, account: str) -> AsyncIterator[bool]:
+        async with self._locked(provider, account, wait=False) as held:
+            yield held
+
+    @asynccontextmanager
+    async def _locked(self, provider: str, account: str, wait: bool) -> AsyncIterator[bool]:
+        """The account's lock file, flocked: waiting for it, or only if it is free now."""
+        path = lock_file(self._lock_dir, provider, account)
         started = time.monotonic()
-        fd = await _flock(lock_file(self._lock_dir, provider, account))
+        fd = await _flock(path) if wait else _flock_now(path)
+        who = {"provider": provider, "account": account}
+        if fd is None:
+            log.debug("refresh_lock_busy", extra=who)
+            yield False
+            return
         acquired = time.monotonic()
         log.debug(
             "refresh_lock_acquired",
-            extra={"provider": provider, "account": account, "waited_seconds": acquired - started},
+            extra={**who, "waited_seconds": acquired - started, "blocking": wait},
         )
         try:
-            yield
+            yield True
         finally:
             os.close(fd)  # closing the only descriptor of the file description unlocks it
             log.debug(
                 "refresh_lock_released",
-                extra={
-                    "provider": provider,
-                    "account": account,
-                    "held_seconds": time.monotonic() - acquired,
-                },
+                extra={**who, "held_seconds": time.monotonic() - acquired},
             )
 
     async def ping(self) -> None:
@@ -271,15 +285,36 @@ def lock_file(directory: Path, provider: str, account: str) -> Path:
     return directory / f"{digest}.lock"
 
 
+def _open_lock_file(path: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot open refresh lock file {path}: {exc}") from exc
+
+
+def _flock_now(path: Path) -> int | None:
+    """Open ``path`` and flock it if no one holds it (LOCK_NB: the call never waits).
+
+    Returns the descriptor (closing it releases the lock), or None when it is held.
+    """
+    fd = _open_lock_file(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # EWOULDBLOCK: another open file description holds it
+        os.close(fd)
+        return None
+    except OSError as exc:
+        os.close(fd)
+        raise StoreError(f"cannot lock refresh lock file {path}: {exc}") from exc
+    return fd
+
+
 async def _flock(path: Path) -> int:
     """Open ``path`` and take an exclusive flock on it without blocking the event loop.
 
     Returns the descriptor; closing it releases the lock.
     """
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise StoreError(f"cannot open refresh lock file {path}: {exc}") from exc
+    fd = _open_lock_file(path)
     job: concurrent.futures.Future[None] = concurrent.futures.Future()
     threading.Thread(target=_flock_job, args=(job, fd), name="sidecar-lock", daemon=True).start()
     try:
