@@ -61,6 +61,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.background_skipped = Counter(
+            "sidecar_background_refreshes_skipped",
+            "Background refreshes skipped because another replica held the account's refresh "
+            "lock (it is refreshing that account); the next pass looks at the account again.",
+            ["provider"],
+            registry=r,
+        )
         self.coalesced = Counter(
             "sidecar_refresh_waiters_coalesced",
             "Refreshes not made because another caller was already refreshing the account.",

@@ -6,7 +6,9 @@ PostgreSQL schema. The token endpoint is the rotating fake with reuse detection,
 this test process; the upstream accepts only tokens the fake issued by refreshing.
 
 The processes log at debug level, so each one reports how long it waited for the refresh lock
-(``refresh_lock_acquired``); the tests print those waits with the request latencies.
+(``refresh_lock_acquired``), each lock its background refresher found taken and skipped
+(``refresh_lock_busy``) and each background pass (``background_refresh_pass``); the tests print
+those figures with the request latencies.
 """
 
 from __future__ import annotations
@@ -122,8 +124,10 @@ class Cluster:
     upstream: str
     processes: list[SidecarProcess] = field(default_factory=list)
 
-    def config(self, name: str, store_url: str, **sidecar: Any) -> Path:
-        raw = base_config(self.secrets_dir, self.idp.url, self.upstream)  # type: ignore[attr-defined]
+    def config(
+        self, name: str, store_url: str, provider: dict[str, Any] | None = None, **sidecar: Any
+    ) -> Path:
+        raw = base_config(self.secrets_dir, self.idp.url, self.upstream, provider=provider)  # type: ignore[attr-defined]
         raw["store"]["url"] = store_url
         raw["sidecar"].update({"log_level": "debug", **sidecar})
         path = self.secrets_dir / f"{name}.toml"
@@ -132,8 +136,14 @@ class Cluster:
 
     async def import_expired(self, config: Path, access: str, refresh: str) -> None:
         """`sidecar accounts import` of a pair whose access token has already expired."""
-        line = json.dumps(
-            {"account": ACCOUNT, "access_token": access, "refresh_token": refresh, "expires_in": 0}
+        await self.import_many_expired(config, {ACCOUNT: (access, refresh)})
+
+    async def import_many_expired(self, config: Path, pairs: dict[str, tuple[str, str]]) -> None:
+        """`sidecar accounts import` of one expired (access, refresh) pair per account."""
+        lines = "".join(
+            json.dumps({"account": account, "access_token": a, "refresh_token": r, "expires_in": 0})
+            + "\n"
+            for account, (a, r) in pairs.items()
         )
         proc = await asyncio.create_subprocess_exec(
             *sidecar_cmd("accounts", "import", "--config", str(config), "--provider", PROVIDER),
@@ -142,7 +152,7 @@ class Cluster:
             stderr=asyncio.subprocess.PIPE,
             cwd=ROOT,
         )
-        _, err = await asyncio.wait_for(proc.communicate(line.encode()), 60)
+        _, err = await asyncio.wait_for(proc.communicate(lines.encode()), 60)
         assert proc.returncode == 0, err.decode()
 
     async def start(self, configs: dict[str, Path]) -> list[SidecarProcess]:
@@ -337,29 +347,119 @@ async def test_the_lock_outlives_a_slow_token_endpoint(
     assert waits[0] < 1.0 and all(w >= 2.9 for w in waits[1:]), waits
 
 
+def lock_figures(sidecar: SidecarProcess) -> dict[str, Any]:
+    """What one process's logs say about its refresh locks and background passes."""
+    acquired = sidecar.logged("refresh_lock_acquired")
+    waits = [e["waited_seconds"] for e in acquired if e.get("blocking")]
+    return {
+        "refreshed": len(sidecar.logged("token_refreshed")),
+        "skipped (lock busy)": len(sidecar.logged("refresh_lock_busy")),
+        "tried and took": sum(1 for e in acquired if e.get("blocking") is False),
+        "waited for the lock": len(waits),
+        "longest wait ms": round(max(waits, default=0.0) * 1000, 1),
+        "passes": len(sidecar.logged("background_refresh_pass")),
+    }
+
+
+def passed_with_nothing_due(sidecar: SidecarProcess) -> bool:
+    """The background refresher finished a pass that found nothing due: every pass before it
+    is over too, so this process will not refresh anything that is stored now."""
+    return any(e["due"] == 0 for e in sidecar.logged("background_refresh_pass"))
+
+
 async def test_background_refreshers_of_four_processes_refresh_once(
     cluster: Cluster, shared_store: SharedStore
 ) -> None:
     """With no requests at all, every replica's background refresher finds the expired
-    account due at start. The token endpoint holds its answer until the other three refreshers
-    wait on the lock; then one refreshes and the others find the new pair under the lock."""
+    account due at start. The token endpoint holds its answer; the other three refreshers find
+    the lock taken and skip the account without waiting for it. Once the answer is stored,
+    nobody refreshes again."""
     cluster.idp.gate = asyncio.Event()
     processes, seed = await start_replicas(cluster, shared_store, background_refresh=True)
     await asyncio.wait_for(cluster.idp.arrived.wait(), 30)
 
-    async def others_wait() -> bool:
-        return await shared_store.lock_waiters() == PROCESSES - 1
+    async def others_skipped() -> bool:
+        return sum(bool(p.logged("refresh_lock_busy")) for p in processes) == PROCESSES - 1
 
-    await eventually(others_wait, "the other refreshers wait for the lock", 30)
+    await eventually(others_skipped, "the other refreshers skip the taken lock", 30)
+    assert await shared_store.lock_waiters() == 0  # nobody queues behind the holder
     cluster.idp.gate.set()
 
-    async def all_passed() -> bool:
-        return all(p.logged("refresh_lock_released") for p in processes)
+    async def all_settled() -> bool:
+        return all(passed_with_nothing_due(p) for p in processes)
 
-    await eventually(all_passed, "every refresher took and released the lock", 30)
+    await eventually(all_settled, "every refresher finds nothing due", 30)
     results = await burst(processes, 5)
     report("background refreshers", processes, results, cluster.idp.calls)
+    print({p.name: lock_figures(p) for p in processes})
     assert_refreshed_once(cluster, processes, results, seed)
+    background = [e for p in processes for e in p.logged("refresh_lock_acquired")]
+    assert sum(e["blocking"] is False for e in background) >= 1  # the refresher's own try
+
+
+MANY_ACCOUNTS = 40
+
+
+async def test_background_refreshers_split_many_due_accounts(
+    cluster: Cluster, shared_store: SharedStore
+) -> None:
+    """Four replicas start with 40 expired accounts and no requests. Their refreshers split
+    the accounts: each is refreshed exactly once, with the refresh token the fake issued for
+    it, no replica ever waits for another's lock, and each replica refreshes some.
+
+    The token endpoint holds its answers until every replica has come to the first account
+    (all start with it) and taken some lock: nothing can be stored meanwhile, so three of them
+    must skip the first account, and every replica is refreshing an account of its own."""
+    idp = cluster.idp
+    configs = {
+        f"sidecar-{i}": cluster.config(
+            f"sidecar-{i}",
+            shared_store.url,
+            provider={"timeout_seconds": 120},  # the held answers must not time out
+            background_refresh=True,
+        )
+        for i in range(PROCESSES)
+    }
+    seeds = {f"user-{i:03d}": idp.grant(f"user-{i:03d}") for i in range(MANY_ACCOUNTS)}
+    await cluster.import_many_expired(configs["sidecar-0"], seeds)
+    idp.gate = asyncio.Event()
+    started = time.perf_counter()
+    processes = await cluster.start(configs)
+    first = min(seeds)
+
+    def came_to_first(p: SidecarProcess) -> bool:
+        tried = p.logged("refresh_lock_acquired") + p.logged("refresh_lock_busy")
+        return any(e["account"] == first for e in tried)
+
+    async def all_working() -> bool:
+        return all(came_to_first(p) and p.logged("refresh_lock_acquired") for p in processes)
+
+    await eventually(all_working, "every replica took a lock and came to the first account", 60)
+    assert sum(e["account"] == first for p in processes for e in p.logged("refresh_lock_busy")) >= (
+        PROCESSES - 1
+    )
+    idp.gate.set()
+
+    async def all_settled() -> bool:
+        return all(passed_with_nothing_due(p) for p in processes)
+
+    await eventually(all_settled, "every refresher finds nothing due", 60)
+    elapsed = time.perf_counter() - started
+    figures = {p.name: lock_figures(p) for p in processes}
+    print(
+        f"{MANY_ACCOUNTS} accounts, {PROCESSES} replicas: token endpoint calls = {idp.calls}, "
+        f"reuse detected = {idp.reuse_detected}, {elapsed:.1f}s from start to settled"
+    )
+    for name, numbers in figures.items():
+        print(f"  {name}: {numbers}")
+    detail = cluster.logs()
+    assert idp.calls == MANY_ACCOUNTS, detail
+    assert idp.reuse_detected == 0, detail
+    assert sorted(r["refresh_token"] for r in idp.requests) == sorted(r for _, r in seeds.values())
+    assert sum(f["refreshed"] for f in figures.values()) == MANY_ACCOUNTS
+    assert all(f["refreshed"] >= 1 for f in figures.values()), figures
+    assert all(f["waited for the lock"] == 0 for f in figures.values()), figures
+    assert not any(p.logged("background_refresh_failed") for p in processes), detail
 
 
 async def test_the_fake_detects_reuse_when_processes_do_not_share_a_store(

@@ -9,8 +9,11 @@ import pytest
 from aiohttp import web
 
 from sidecar.config import ProviderConfig
-from sidecar.credentials.refresher import account_jitter, next_refresh_at
-from tests.conftest import seed
+from sidecar.credentials.refresher import SKIPPED_RECHECK_SECONDS, account_jitter, next_refresh_at
+from sidecar.store import open_store
+from sidecar.store import sqlite as sqlite_backend
+from tests.conftest import sample, seed
+from tests.test_store_contract import eventually, flock_waiters
 
 DAY = 86400.0
 
@@ -212,3 +215,82 @@ async def test_refresh_interrupted_by_a_crash_is_visible_after_restart(
     assert row is not None
     assert (row.state, row.state_reason) == ("reauthorization_required", "refresh_outcome_lost")
     assert row.refresh_attempt_at is None
+
+
+async def test_background_refresh_skips_an_account_another_replica_holds(
+    make_sidecar, idp, api, clock
+) -> None:
+    """Another replica (a second store on the same file) holds the account's lock: the pass
+    skips the account at once, counts the skip, records no backoff and looks again soon."""
+    sidecar = await make_sidecar()
+    await seed(sidecar, idp, api, clock, expires_in=30)
+    clock.advance(29)
+    other = await open_store(sidecar.config.store.url)
+    try:
+        async with other.hold("example", "main"):
+            next_due = await asyncio.wait_for(sidecar.refresher.run_once(), 10)
+            assert idp.calls == 0 and next_due == clock() + SKIPPED_RECHECK_SECONDS
+            skipped = sample(
+                sidecar, "sidecar_background_refreshes_skipped_total", provider="example"
+            )
+            assert skipped == 1
+            assert sidecar.credentials.retry_at("example", "main") is None
+        await sidecar.refresher.run_once()  # the next pass: the lock is free now
+        assert idp.calls == 1 and idp.reuse_detected == 0
+    finally:
+        await other.close()
+
+
+async def test_a_request_needing_an_account_the_background_skipped_waits_for_the_lock(
+    make_sidecar, idp, api, clock
+) -> None:
+    """A request arriving with the background flight refused does not take that refusal for
+    an answer: its own flight waits for the other replica's lock, then refreshes once."""
+    sidecar = await make_sidecar()
+    await seed(sidecar, idp, api, clock, expires_in=30)
+    clock.advance(29)  # inside the 60 s skew: a request needs a refresh too
+    credentials = sidecar.credentials
+    other = await open_store(sidecar.config.store.url)
+    lock = sqlite_backend.lock_file(
+        sqlite_backend.lock_dir(sqlite_backend.sqlite_path(sidecar.config.store.url)),
+        "example",
+        "main",
+    )
+    try:
+        async with other.hold("example", "main"):
+            background = asyncio.ensure_future(
+                credentials.refresh_if("example", "main", lambda cred: True)
+            )
+            await asyncio.sleep(0)  # the background flight is under way
+            request = asyncio.ensure_future(credentials.refresh("example", "main", failed=None))
+            assert await asyncio.wait_for(background, 10) is None
+
+            async def request_waits() -> bool:
+                return flock_waiters(lock) == 1
+
+            await eventually(request_waits, "the request's flight waits for the lock")
+            assert not request.done() and idp.calls == 0
+        token = await asyncio.wait_for(request, 10)
+        assert idp.calls == 1 and token.access_token == idp.issued_access[-1]
+    finally:
+        await other.close()
+
+
+async def test_a_request_during_a_background_refresh_uses_its_result(
+    make_sidecar, idp, api, clock
+) -> None:
+    """The background flight holds the lock and is waiting for the token endpoint; a request
+    for the same account waits for that flight and uses its new token: one call."""
+    sidecar = await make_sidecar()
+    await seed(sidecar, idp, api, clock, expires_in=30)
+    clock.advance(29)
+    credentials = sidecar.credentials
+    idp.gate = asyncio.Event()
+    background = asyncio.ensure_future(credentials.refresh_if("example", "main", lambda c: True))
+    await asyncio.wait_for(idp.arrived.wait(), 10)
+    request = asyncio.ensure_future(credentials.refresh("example", "main", failed=None))
+    idp.gate.set()
+    refreshed = await asyncio.wait_for(background, 10)
+    token = await asyncio.wait_for(request, 10)
+    assert refreshed is not None and token == refreshed.token
+    assert idp.calls == 1 and token.access_token == idp.issued_access[-1]

@@ -10,17 +10,24 @@ Inside a flight: reload the row (another process may have refreshed it), decide 
 token that failed, call the token endpoint, persist the new pair (compare-and-swap on the row's
 version), and only then hand the new token out. A rotated-away refresh token is never sent
 again, because the next flight reads the pair from the store.
+
+A flight for a request waits for the account's store lock: the request needs the outcome. A
+background flight only tries it (``try_hold``): when another replica holds it, that replica is
+refreshing the account, so the background refresher skips it and sees the new pair on its next
+pass instead of queueing behind every other replica's lock. A request that arrives during a
+background flight waits for it and, if it skipped, takes the lock itself.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from aiolimiter import AsyncLimiter
@@ -74,7 +81,8 @@ class CredentialManager:
         self._providers, self._metrics, self._clock = providers, metrics, clock
         self._tasks, self._rng = tasks, rng or random.Random()
         self._cache: dict[Key, Credential] = {}
-        self._flights: dict[Key, asyncio.Future[Credential]] = {}
+        self._flights: dict[Key, asyncio.Future[Credential]] = {}  # wait for the store lock
+        self._tries: dict[Key, asyncio.Future[Credential | None]] = {}  # background: try it
         self._backoff: dict[Key, Backoff] = {}
         self._unsaved: dict[Key, Credential] = {}  # new pairs whose write failed: never lose them
         self._lost: dict[Key, int] = {}  # refreshes whose answer was lost, in a row
@@ -120,9 +128,23 @@ class CredentialManager:
         except TransientGrantError as exc:
             return self._fallback((provider, account), failed, exc)
 
-    async def refresh_if(self, provider: str, account: str, due: Decide) -> Credential:
-        """Refresh when ``due`` still holds for the freshly reloaded pair (background refresh)."""
-        return await self._join((provider, account), due)
+    async def refresh_if(self, provider: str, account: str, due: Decide) -> Credential | None:
+        """Refresh when ``due`` still holds for the freshly reloaded pair (background refresh).
+
+        None, at once, when another process holds the account's lock: it is refreshing the
+        account. A flight of this process for the account is joined instead (it may wait).
+        """
+        key = (provider, account)
+        if key in self._flights:
+            return await self._join(key, due)
+        flight = self._tries.get(key)
+        if flight is not None:
+            self._metrics.coalesced.labels(provider).inc()
+        else:
+            flight = self._tasks.spawn(self._try_fly(key, due), name=f"refresh {provider}")
+            self._tries[key] = flight
+            flight.add_done_callback(lambda _: self._tries.pop(key, None))
+        return await asyncio.shield(flight)
 
     def forget(self, provider: str, account: str) -> None:
         """Drop what this process holds for an account after an operator imported,
@@ -145,7 +167,8 @@ class CredentialManager:
         if flight is not None:
             self._metrics.coalesced.labels(key[0]).inc()
         else:
-            flight = self._tasks.spawn(self._fly(key, decide), name=f"refresh {key[0]}")
+            after = self._tries.get(key)  # at most one flight of this process takes the lock
+            flight = self._tasks.spawn(self._fly(key, decide, after), name=f"refresh {key[0]}")
             self._flights[key] = flight
             flight.add_done_callback(lambda _: self._flights.pop(key, None))
         # Shielded: a caller that goes away must not cancel a rotation halfway.
@@ -184,16 +207,34 @@ class CredentialManager:
         skew = self._providers[cred.provider].refresh_skew_seconds
         return cred.token.state(self._clock(), skew) is not TokenState.FRESH
 
-    async def _fly(self, key: Key, decide: Decide) -> Credential:
+    async def _fly(
+        self, key: Key, decide: Decide, after: asyncio.Future[Credential | None] | None
+    ) -> Credential:
+        """Wait for the account's lock, then refresh if ``decide`` still says so.
+
+        ``after`` is a background flight already under way: its outcome comes first, and is
+        enough unless it skipped the account or left it still needing a refresh.
+        """
+        if after is not None:
+            tried = await asyncio.shield(after)
+            if tried is not None and not decide(tried):
+                return tried
         waited = time.perf_counter()
-        try:
+        with _store_unavailable():
             async with self._store.hold(*key):
                 self._metrics.lock_wait.labels(key[0]).observe(time.perf_counter() - waited)
                 return await self._fly_locked(key, decide)
-        except DecryptError:
-            raise
-        except StoreError as exc:  # store down: a still-valid cached token keeps being served
-            raise TransientGrantError(f"token store unavailable: {exc}") from exc
+
+    async def _try_fly(self, key: Key, decide: Decide) -> Credential | None:
+        """Refresh if the account's lock is free now and ``decide`` still says so; None when
+        another process holds the lock. Nothing is recorded for a skip: no backoff, no lost
+        outcome, since this process neither read the row under the lock nor called anyone."""
+        with _store_unavailable():
+            async with self._store.try_hold(*key) as held:
+                if not held:
+                    self._metrics.background_skipped.labels(key[0]).inc()
+                    return None
+                return await self._fly_locked(key, decide)
 
     async def _fly_locked(self, key: Key, decide: Decide) -> Credential:
         provider, account = key
@@ -359,3 +400,15 @@ class CredentialManager:
                 await self._store.set_state(
                     name, CLIENT_CREDENTIALS_ACCOUNT, AccountState.ACTIVE.value, None, self._clock()
                 )
+
+
+@contextlib.contextmanager
+def _store_unavailable() -> Iterator[None]:
+    """Store down: the refresh fails as transient, and a still-valid cached token keeps being
+    served. A pair that cannot be decrypted is no outage and passes through."""
+    try:
+        yield
+    except DecryptError:
+        raise
+    except StoreError as exc:
+        raise TransientGrantError(f"token store unavailable: {exc}") from exc

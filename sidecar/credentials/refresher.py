@@ -6,6 +6,11 @@ stable per-account jitter, so accounts imported together do not expire together.
 through the credential manager, which bounds concurrency and rate per provider and keeps the
 single-flight guarantee (a request that needs the same account joins the same refresh).
 
+Replicas share the work without queueing for it: a refresher only tries an account's store lock
+and skips the account while another replica holds it (that replica is refreshing it). A skipped
+account is still due, so the next pass (within a second) looks at it again; by then the holder
+has usually stored the new pair and the reloaded row is no longer due.
+
 Refresh-token keepalive: when a provider's refresh tokens lapse after a configured lifetime,
 an account nobody has used for weeks is still refreshed before its refresh token would lapse.
 """
@@ -27,6 +32,7 @@ from sidecar.store import StoredRow, TokenStore
 log = logging.getLogger(__name__)
 
 MAX_SLEEP_SECONDS = 30.0  # rescan at least this often: imports and other replicas change rows
+SKIPPED_RECHECK_SECONDS = 1.0  # look again this soon at accounts another replica was refreshing
 
 
 def account_jitter(provider: str, account: str) -> float:
@@ -115,22 +121,34 @@ class Refresher:
         # A bounded crowd of workers: the manager limits calls, this limits waiting tasks.
         queue = iter(due)
         workers = max(1, provider.max_concurrent_refreshes * 2)
-        await asyncio.gather(*(self._work(provider, queue) for _ in range(workers)))
+        skipped = sum(await asyncio.gather(*(self._work(provider, queue) for _ in range(workers))))
+        log.debug(
+            "background_refresh_pass",
+            extra={"provider": provider.name, "due": len(due), "skipped": skipped},
+        )
+        if skipped:  # their holders are refreshing them now: soon they are stored, not due
+            upcoming.append(self._clock() + SKIPPED_RECHECK_SECONDS)
         return min(upcoming) if upcoming else (now + 1.0 if due else None)
 
-    async def _work(self, provider: ProviderConfig, queue: Iterator[StoredRow]) -> None:
+    async def _work(self, provider: ProviderConfig, queue: Iterator[StoredRow]) -> int:
+        """Refresh accounts from the shared queue; return how many were skipped."""
+        skipped = 0
         for row in queue:
-            await self._refresh(provider, row.account)
+            skipped += await self._refresh(provider, row.account)
+        return skipped
 
-    async def _refresh(self, provider: ProviderConfig, account: str) -> None:
+    async def _refresh(self, provider: ProviderConfig, account: str) -> bool:
+        """Refresh one account if it is still due; True when another replica held its lock."""
+
         def due(cred: Credential) -> bool:  # decided again on the reloaded pair
             at = next_refresh_at(provider, account, cred.token.expires_at, cred.refreshed_at)
             return at is not None and at <= self._clock()
 
         try:
-            await self._credentials.refresh_if(provider.name, account, due)
+            return await self._credentials.refresh_if(provider.name, account, due) is None
         except SidecarError as exc:  # already logged, counted and backed off where it arose
             log.debug(
                 "background_refresh_failed",
                 extra={"provider": provider.name, "account": account, "error": type(exc).__name__},
             )
+            return False
