@@ -20,11 +20,17 @@ ENV PIP_NO_CACHE_DIR=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY sidecar/ sidecar/
+# WHEELHOUSE (optional): a directory, visible to the build, that holds a wheel of every dependency
+# and of setuptools; pip then reads only it (--no-index) and the build needs no network, e.g.
+#   podman build --network none -v "$PWD/wheels:/wheelhouse:ro" --build-arg WHEELHOUSE=/wheelhouse .
+# (.ci/build-image does this). Unset: everything comes from PyPI.
+ARG WHEELHOUSE=""
 # Wheels for the project and every dependency (binary wheels where PyPI has them), then a
 # virtualenv holding exactly those, without pip: nothing can be installed into it later. The
 # virtualenv's own pip does the work, so a base whose python3 has no pip (Debian's) works too.
 RUN python3 -m venv /opt/sidecar \
-    && /opt/sidecar/bin/pip wheel --no-cache-dir --wheel-dir /wheels . \
+    && /opt/sidecar/bin/pip wheel --no-cache-dir \
+        ${WHEELHOUSE:+--no-index --find-links "$WHEELHOUSE"} --wheel-dir /wheels . \
     && /opt/sidecar/bin/pip install --no-cache-dir --no-index --no-deps /wheels/*.whl \
     && /opt/sidecar/bin/pip uninstall --yes pip setuptools \
     && /opt/sidecar/bin/sidecar --help > /dev/null
