@@ -7,6 +7,7 @@ finish (bounded by ``shutdown_timeout_seconds``), then closes sessions and the s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator, Callable
@@ -25,6 +26,8 @@ from sidecar.credentials.notifier import Notifier
 from sidecar.credentials.refresher import Refresher
 from sidecar.crypto import TokenCipher
 from sidecar.grants import make_grant
+from sidecar.http.client import UpstreamPool
+from sidecar.http.server import Server
 from sidecar.metrics import Metrics
 from sidecar.model import Clock, system_clock
 from sidecar.proxy import UpstreamProxy
@@ -45,6 +48,7 @@ class Sidecar:
     addresses: dict[str, tuple[str, int]] = field(default_factory=dict)  # listener -> address
     _exit: AsyncExitStack = field(default_factory=AsyncExitStack)
     _runners: list[web.BaseRunner] = field(default_factory=list)
+    _servers: list[Server] = field(default_factory=list)
 
     @classmethod
     async def start(
@@ -122,11 +126,13 @@ class Sidecar:
         return sidecar
 
     async def _listen_upstream(self, cfg: UpstreamConfig) -> None:
-        session = await self._exit.enter_async_context(upstream_session(cfg))
-        proxy = UpstreamProxy(cfg, self.credentials, session, self.metrics, self.clock)
-        server = web.Server(proxy.handle, access_log=None)
-        runner = web.ServerRunner(server, shutdown_timeout=self.config.shutdown_timeout_seconds)
-        await self._listen(cfg.name, runner, cfg.host, cfg.port)
+        pool = upstream_pool(cfg)
+        self._exit.push_async_callback(pool.close)
+        proxy = UpstreamProxy(cfg, self.credentials, pool, self.metrics, self.clock)
+        server = Server(proxy.handle, asyncio.get_running_loop())
+        self._servers.append(server)
+        self.addresses[cfg.name] = await server.listen(cfg.host, cfg.port)
+        log.info("listening", extra={"listener": cfg.name, "port": self.addresses[cfg.name][1]})
 
     async def _listen(self, name: str, runner: web.BaseRunner, host: str, port: int) -> None:
         await runner.setup()
@@ -144,6 +150,9 @@ class Sidecar:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), then release everything."""
+        timeout = self.config.shutdown_timeout_seconds
+        await asyncio.gather(*(server.close(timeout) for server in self._servers))
+        self._servers.clear()
         for runner in reversed(self._runners):
             await runner.cleanup()
         self._runners.clear()
@@ -177,16 +186,13 @@ async def open_accounts(
         yield make_account_service(config.providers, store, cipher, session, credentials, clock)
 
 
-def upstream_session(cfg: UpstreamConfig) -> aiohttp.ClientSession:
+def upstream_pool(cfg: UpstreamConfig) -> UpstreamPool:
     """A keep-alive pool for one upstream that changes nothing the app sent."""
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=cfg.max_connections, limit_per_host=0),
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=cfg.connect_timeout_seconds, sock_read=cfg.read_timeout_seconds
-        ),
-        auto_decompress=False,  # compressed answers pass through as they are
-        cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+    return UpstreamPool(
+        cfg.target,
+        connect_timeout=cfg.connect_timeout_seconds,
+        read_timeout=cfg.read_timeout_seconds,
+        max_connections=cfg.max_connections,
     )
 
 

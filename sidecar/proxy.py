@@ -1,9 +1,9 @@
 """The forwarding handler: inject the account's token, forward, stream back, retry once.
 
-Each ``[[upstream]]`` listener gets one ``UpstreamProxy`` on aiohttp's low-level server (no
-router: every request is forwarded). The request goes only to the configured target: the
-request line's scheme and host, the Host header and CONNECT are never honoured, and dot
-segments cannot climb out of the target's base path.
+Each ``[[upstream]]`` listener gets one ``UpstreamProxy`` behind the lean HTTP/1.1 server in
+``sidecar.http`` (no router: every request is forwarded). The request goes only to the
+configured target: the request line's scheme and host, the Host header and CONNECT are never
+honoured, and dot segments cannot climb out of the target's base path.
 """
 
 from __future__ import annotations
@@ -11,21 +11,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import TypeAlias
 from urllib.parse import urlsplit
-
-import aiohttp
-from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from sidecar.config import UpstreamConfig
 from sidecar.credentials import CredentialManager
 from sidecar.errors import CredentialError, ReauthorizationRequired, TokenUnavailable
+from sidecar.http.body import BodyStream
+from sidecar.http.client import RequestBody, UpstreamError, UpstreamPool, UpstreamResponse
+from sidecar.http.server import Headers, Request, Response, error_response
 from sidecar.metrics import Metrics
 from sidecar.model import Clock, Token
-from sidecar.responses import error_response
 
 log = logging.getLogger(__name__)
 
@@ -33,23 +28,28 @@ ACCOUNT_HEADER = "X-Sidecar-Account"
 # RFC 9110 §7.6.1 hop-by-hop fields, plus the pre-standard Keep-Alive/Proxy-Connection.
 HOP_BY_HOP = frozenset(
     {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
     }
 )
-# Never forwarded upstream: the client's Host and credentials, our own header, and Expect
-# (the sidecar answers 100-continue itself).
-REQUEST_DROP = HOP_BY_HOP | {"host", "authorization", "x-sidecar-account", "expect"}
+# Never forwarded upstream: the client's Host and credentials, our own header, Expect (the
+# sidecar answers 100-continue itself) and the framing, which the upstream pool writes.
+REQUEST_DROP = HOP_BY_HOP | {
+    b"host",
+    b"authorization",
+    b"x-sidecar-account",
+    b"expect",
+    b"content-length",
+}
+RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
 ENCODED_DOTS = frozenset({"%2e", "%2e%2e", ".%2e", "%2e."})
-
-Body: TypeAlias = bytes | AsyncIterator[bytes] | aiohttp.StreamReader | None
 
 
 class UpstreamProxy:
@@ -57,7 +57,7 @@ class UpstreamProxy:
         self,
         cfg: UpstreamConfig,
         credentials: CredentialManager,
-        session: aiohttp.ClientSession,
+        pool: UpstreamPool,
         metrics: Metrics,
         clock: Clock,
     ) -> None:
@@ -65,15 +65,13 @@ class UpstreamProxy:
         self._expired = metrics.expired_injections.labels(cfg.name)
         self._cfg = cfg
         self._credentials = credentials
-        self._session = session
+        self._pool = pool
         self._metrics = metrics
-        target = URL(cfg.target)
-        self._origin = str(target.origin())
-        self._base_path = target.raw_path.rstrip("/")
+        self._base_path = urlsplit(cfg.target).path.rstrip("/").encode("ascii")
         self._latency = metrics.upstream_latency.labels(cfg.name)
         self._request_counters: dict[tuple[str, int], object] = {}
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: Request) -> Response:
         response = await self._handle(request)
         self._count(request.method, response.status)
         return response
@@ -87,44 +85,40 @@ class UpstreamProxy:
             self._request_counters[key] = counter
         counter.inc()  # type: ignore[attr-defined]
 
-    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def _handle(self, request: Request) -> Response:
         if request.method == "CONNECT":
             return self._error(405, "method_not_allowed", "the sidecar does not tunnel CONNECT")
         try:
-            url = URL(self._origin + self._base_path + target_path(request.raw_path), encoded=True)
+            path = self._base_path + target_path(request.target)
         except ValueError as exc:
             return self._error(400, "invalid_path", str(exc))
+        headers, named = forward_headers(request.headers)
         account = self._credentials.account_for(
-            self._cfg.provider, request.headers.get(ACCOUNT_HEADER) or self._cfg.default_account
+            self._cfg.provider, named or self._cfg.default_account
         )
         if not account:
             return self._error(
                 400, "account_required", f"name the account in the {ACCOUNT_HEADER} header"
             )
         try:
-            return await self._forward(request, url, account)
+            return await self._forward(request, path, headers, account)
         except CredentialError as exc:
             return self._credential_error(exc)
         except TimeoutError:
             return self._error(504, "upstream_timeout", "the upstream did not answer in time")
-        except aiohttp.ClientError as exc:
-            log.warning(
-                "upstream_failed", extra={"upstream": self._cfg.name, "error": type(exc).__name__}
-            )
-            return self._error(
-                502, "upstream_unavailable", f"cannot reach the upstream: {type(exc).__name__}"
-            )
+        except UpstreamError as exc:
+            log.warning("upstream_failed", extra={"upstream": self._cfg.name, "error": str(exc)})
+            return self._error(502, "upstream_unavailable", f"cannot reach the upstream: {exc}")
 
     async def _forward(
-        self, request: web.BaseRequest, url: URL, account: str
-    ) -> web.StreamResponse:
+        self, request: Request, path: bytes, headers: Headers, account: str
+    ) -> Response:
         provider = self._cfg.provider
-        headers = forward_headers(request.headers)
         body, replayable = await read_body(request, self._cfg.replay_limit_bytes)
         token = await self._credentials.current(provider, account)
         # Retry once, as an explicit bounded loop: the second answer goes back as it is.
         for attempt in range(2):
-            upstream = await self._send(request.method, url, headers, body, token)
+            upstream = await self._send(request, path, headers, body, token)
             if attempt == 1 or not self._rejects_token(upstream):
                 break
             if not replayable:
@@ -139,29 +133,31 @@ class UpstreamProxy:
                 raise
             upstream.release()  # the first answer is dropped before the replay
             self._metrics.retries.labels(self._cfg.name, "replayed").inc()
-        return await self._relay(request, upstream)
+        return relay(upstream)
 
     async def _send(
-        self, method: str, url: URL, headers: CIMultiDict[str], body: Body, token: Token
-    ) -> aiohttp.ClientResponse:
+        self, request: Request, path: bytes, headers: Headers, body: RequestBody, token: Token
+    ) -> UpstreamResponse:
         if token.expires_at is not None and self._clock() >= token.expires_at:
             self._expired.inc()  # a bug if it ever happens: the alert watches this
-        headers["Authorization"] = f"Bearer {token.access_token}"
+        auth = (b"Authorization", b"Bearer " + token.access_token.encode("latin-1"))
         start = time.perf_counter()
-        upstream = await self._session.request(
-            method, url, headers=headers, data=body, allow_redirects=False
+        upstream = await self._pool.send(
+            request.method, path, [*headers, auth], body, request.length
         )
         self._latency.observe(time.perf_counter() - start)
         return upstream
 
-    def _rejects_token(self, upstream: aiohttp.ClientResponse) -> bool:
+    def _rejects_token(self, upstream: UpstreamResponse) -> bool:
         """An invalid-token answer (RFC 6750 §3.1), as configured for this upstream."""
         if upstream.status not in self._cfg.retry_statuses:
             return False
         if not self._cfg.require_invalid_token_challenge:
             return True
         return any(
-            is_invalid_token_challenge(v) for v in upstream.headers.getall("WWW-Authenticate", ())
+            is_invalid_token_challenge(value.decode("latin-1"))
+            for name, value in upstream.headers
+            if name.lower() == b"www-authenticate"
         )
 
     async def _refresh_quietly(self, account: str, failed: Token) -> None:
@@ -169,30 +165,13 @@ class UpstreamProxy:
         with contextlib.suppress(CredentialError):
             await self._credentials.refresh(self._cfg.provider, account, failed=failed)
 
-    async def _relay(
-        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse
-    ) -> web.StreamResponse:
-        """Stream the upstream's answer back untouched (no decompression, no buffering)."""
-        try:
-            response = web.StreamResponse(
-                status=upstream.status,
-                reason=upstream.reason,
-                headers=response_headers(upstream.headers),
-            )
-            await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
-            await response.write_eof()
-            return response
-        finally:
-            upstream.release()
-
-    def _credential_error(self, exc: CredentialError) -> web.Response:
+    def _credential_error(self, exc: CredentialError) -> Response:
         if isinstance(exc, ReauthorizationRequired):
             return self._error(exc.status, exc.code, str(exc), reason=exc.reason, since=exc.since)
         if isinstance(exc, TokenUnavailable):
+            retry_after = str(exc.retry_after).encode("ascii")
             return self._error(
-                exc.status, exc.code, str(exc), headers={"Retry-After": str(exc.retry_after)}
+                exc.status, exc.code, str(exc), headers=[(b"Retry-After", retry_after)]
             )
         return self._error(exc.status, exc.code, str(exc))
 
@@ -202,17 +181,29 @@ class UpstreamProxy:
         code: str,
         message: str,
         *,
-        headers: dict[str, str] | None = None,
+        headers: Headers | None = None,
         **details: object,
-    ) -> web.Response:
+    ) -> Response:
         self._metrics.sidecar_errors.labels(self._cfg.name, code).inc()
-        return error_response(status, code, message, headers=headers, **details)
+        return error_response(status, code, message, headers, **details)
+
+
+def relay(upstream: UpstreamResponse) -> Response:
+    """The upstream's answer, streamed back untouched (no decompression, no buffering)."""
+    return Response(
+        upstream.status,
+        response_headers(upstream.headers),
+        upstream.body,
+        upstream.length,
+        upstream.reason,
+        upstream.release,
+    )
 
 
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
-def target_path(raw: str) -> str:
+def target_path(raw: bytes) -> bytes:
     """The path and query to forward, from a request-target in any form (RFC 9112 §3.2).
 
     An absolute-form target loses its scheme and authority: only the configured target is
@@ -220,14 +211,14 @@ def target_path(raw: str) -> str:
     the target's base path; percent-encoded dot segments are refused, since servers disagree
     on whether they mean the same thing.
     """
-    if not raw.startswith("/"):
+    if not raw.startswith(b"/"):
         parts = urlsplit(raw)
         if not parts.scheme or not parts.netloc:
             raise ValueError(f"unsupported request target {raw[:100]!r}")
-        raw = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    path, sep, query = raw.partition("?")
-    if "." in path or "%" in path:
-        path = _remove_dot_segments(path)
+        raw = (parts.path or b"/") + (b"?" + parts.query if parts.query else b"")
+    path, sep, query = raw.partition(b"?")
+    if b"." in path or b"%" in path:
+        path = _remove_dot_segments(path.decode("latin-1")).encode("latin-1")
     return path + sep + query
 
 
@@ -247,21 +238,34 @@ def _remove_dot_segments(path: str) -> str:
     return "/" + "/".join(out)
 
 
-def forward_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The app's headers minus hop-by-hop fields, its credentials and our own header."""
+def forward_headers(incoming: Headers) -> tuple[Headers, str | None]:
+    """The app's headers minus hop-by-hop fields and its credentials; the account it named."""
     drop = REQUEST_DROP | _connection_tokens(incoming)
-    return CIMultiDict((k, v) for k, v in incoming.items() if k.lower() not in drop)
+    account = None
+    kept: Headers = []
+    for name, value in incoming:
+        lower = name.lower()
+        if lower not in drop:
+            kept.append((name, value))
+        elif lower == b"x-sidecar-account":
+            account = value.decode("latin-1")
+    return kept, account
 
 
-def response_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    drop = HOP_BY_HOP | _connection_tokens(incoming)
-    return CIMultiDict((k, v) for k, v in incoming.items() if k.lower() not in drop)
+def response_headers(incoming: Headers) -> Headers:
+    drop = RESPONSE_DROP | _connection_tokens(incoming)
+    return [(name, value) for name, value in incoming if name.lower() not in drop]
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> frozenset[str]:
+def _connection_tokens(headers: Headers) -> frozenset[bytes]:
     """Fields named in Connection are hop-by-hop too (RFC 9110 §7.6.1)."""
-    values = headers.getall("Connection", ())
-    return frozenset(t.strip().lower() for v in values for t in v.split(",") if t.strip())
+    tokens = [
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+    ]
+    return frozenset(t for t in tokens if t)
 
 
 def is_invalid_token_challenge(value: str) -> bool:
@@ -276,30 +280,16 @@ def is_invalid_token_challenge(value: str) -> bool:
     return False
 
 
-async def read_body(request: web.BaseRequest, limit: int) -> tuple[Body, bool]:
+async def read_body(request: Request, limit: int) -> tuple[RequestBody, bool]:
     """The body to forward, and whether it can be sent a second time.
 
     Bodies up to ``limit`` bytes are buffered for a replay; larger ones are streamed through
     without buffering and cannot be replayed.
     """
-    if not request.body_exists:
+    body: BodyStream | None = request.body
+    if body is None:
         return None, True
-    length = request.content_length
-    if length is not None:
-        if length <= limit:
-            return await request.read(), True
-        return request.content, False
-    # Chunked: buffer until the limit; past it, stream what was read and then the rest.
-    prefix = bytearray()
-    while len(prefix) <= limit:
-        chunk = await request.content.readany()
-        if not chunk:
-            return bytes(prefix), True
-        prefix += chunk
-    return _chain(bytes(prefix), request.content), False
-
-
-async def _chain(prefix: bytes, rest: aiohttp.StreamReader) -> AsyncIterator[bytes]:
-    yield prefix
-    async for chunk in rest.iter_any():
-        yield chunk
+    if request.length is not None and request.length > limit:
+        return body, False
+    whole = await body.read_all(limit)
+    return (body, False) if whole is None else (whole, True)

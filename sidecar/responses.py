@@ -22,9 +22,13 @@ def error_response(
     headers: Mapping[str, str] | None = None,
     **details: object,
 ) -> web.Response:
-    body = json.dumps({"error": code, "message": message, **details})
-    response = web.Response(status=status, text=body, content_type="application/json")
+    text = error_body(code, message, **details).decode()
+    response = web.Response(status=status, text=text, content_type="application/json")
     response.headers[ERROR_HEADER] = code
     if headers:
         response.headers.update(headers)
     return response
+
+
+def error_body(code: str, message: str, **details: object) -> bytes:
+    return json.dumps({"error": code, "message": message, **details}).encode()

@@ -1,0 +1,368 @@
+"""The connection pool to one upstream: HTTP/1.1 keep-alive, llhttp parsing, streaming bodies.
+
+One pool per ``[[upstream]]``, bound to its target's origin: there is no way to send a request
+anywhere else. It never follows redirects, never decodes content, adds only ``Host`` and the
+framing fields. A reused connection that the upstream had already closed (it gets no byte of an
+answer) is retried once on a new connection when the body can be sent again, as browsers and Go's
+net/http do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass, field
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+
+from sidecar.http.body import BodyStream
+
+Headers = list[tuple[bytes, bytes]]
+RequestBody = bytes | BodyStream | None
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached, or broke the connection or the protocol."""
+
+
+class _Stale(UpstreamError):
+    """A reused connection closed before any byte of the answer: safe to try a new one."""
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    status: int
+    reason: bytes
+    headers: Headers  # as received, nothing removed
+    body: BodyStream
+    length: int | None  # the announced Content-Length
+    _connection: _Connection | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        """Done with this answer: an unfinished connection is closed, a finished one reused."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.abandon()
+
+
+class UpstreamPool:
+    def __init__(
+        self,
+        target: str,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        max_connections: int,
+    ) -> None:
+        parts = urlsplit(target)
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname or ""
+        self._port = parts.port or (443 if self._https else 80)
+        self._host_line = b"Host: %s\r\n" % parts.netloc.rpartition("@")[2].encode("ascii")
+        self._ssl = ssl.create_default_context() if self._https else None
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._slots = asyncio.Semaphore(max_connections)
+        self._idle: list[_Connection] = []
+
+    async def send(
+        self,
+        method: str,
+        target: bytes,
+        headers: Headers,
+        body: RequestBody,
+        length: int | None = None,
+    ) -> UpstreamResponse:
+        """Send one request and return once the answer's head has arrived.
+
+        ``length`` is the size of a streamed body, when known; without it the body is chunked.
+        """
+        head = self._head(method, target, headers, body, length)
+        for attempt in range(2):
+            connection = await self._acquire()
+            try:
+                return await connection.exchange(method, head, body, length is None)
+            except _Stale:
+                if attempt or isinstance(body, BodyStream):
+                    raise
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        for connection in self._idle:
+            connection.close()
+        self._idle.clear()
+
+    def _head(
+        self, method: str, target: bytes, headers: Headers, body: RequestBody, length: int | None
+    ) -> bytes:
+        lines = [b"%s %s HTTP/1.1\r\n" % (method.encode("ascii"), target), self._host_line]
+        lines.extend(b"%s: %s\r\n" % pair for pair in headers)
+        if isinstance(body, bytes):
+            lines.append(b"Content-Length: %d\r\n" % len(body))
+        elif body is not None and length is not None:
+            lines.append(b"Content-Length: %d\r\n" % length)
+        elif body is not None:
+            lines.append(b"Transfer-Encoding: chunked\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+    async def _acquire(self) -> _Connection:
+        await self._slots.acquire()
+        while self._idle:
+            connection = self._idle.pop()
+            if connection.usable:
+                return connection
+            connection.close()
+        try:
+            return await self._connect()
+        except BaseException:
+            self._slots.release()
+            raise
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(self, loop),
+                    self._host,
+                    self._port,
+                    ssl=self._ssl,
+                    server_hostname=self._host if self._ssl else None,
+                )
+        except OSError as exc:
+            raise UpstreamError(f"cannot connect: {type(exc).__name__}") from exc
+        return connection
+
+    def _give_back(self, connection: _Connection, reusable: bool) -> None:
+        if reusable:
+            self._idle.append(connection)
+        else:
+            connection.close()
+        self._slots.release()
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection, carrying one request at a time."""
+
+    def __init__(self, pool: UpstreamPool, loop: asyncio.AbstractEventLoop) -> None:
+        self._pool = pool
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._closed = False
+        self._used = False  # has carried a request before
+        self._in_use = False
+        self._waiter: asyncio.Future[UpstreamResponse] | None = None
+        self._response: UpstreamResponse | None = None
+        self._head_only = False  # the request was HEAD: the answer has no body
+        self._reason = b""
+        self._headers: Headers = []
+        self._length: int | None = None
+        self._until_close = False  # neither Content-Length nor chunked: the close ends it
+        self._request_sent = False
+        self._response_done = False
+        self._got_bytes = False
+        self._last_read = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+
+    @property
+    def usable(self) -> bool:
+        return not self._closed and self._transport is not None and not self._transport.is_closing()
+
+    async def exchange(
+        self, method: str, head: bytes, body: RequestBody, chunked: bool
+    ) -> UpstreamResponse:
+        assert self._transport is not None
+        reused, self._used, self._in_use = self._used, True, True
+        self._waiter = self._loop.create_future()
+        self._head_only = method == "HEAD"
+        self._request_sent = self._response_done = self._got_bytes = False
+        self._last_read = self._loop.time()
+        if isinstance(body, BodyStream):
+            self._transport.write(head)
+            self._pump = self._loop.create_task(self._send_body(body, chunked))
+        else:
+            self._transport.write(head + body if body else head)
+            self._sent()
+        try:
+            return await self._waiter
+        except BaseException as exc:
+            self.abandon()
+            if isinstance(exc, _Stale) and not reused:
+                raise UpstreamError("the upstream closed the connection") from None
+            raise
+
+    def abandon(self) -> None:
+        """The caller is done: reuse the connection if both messages are complete, else close."""
+        if not self._in_use:
+            return
+        if not (self._request_sent and self._response_done):
+            self._closed = True
+            if self._pump is not None:
+                self._pump.cancel()
+        self._finish()
+
+    def close(self) -> None:
+        self._closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+    async def _send_body(self, body: BodyStream, chunked: bool) -> None:
+        transport = self._transport
+        assert transport is not None
+        try:
+            while data := await body.read():
+                transport.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+                if self._write_paused:
+                    await self._wait_drained()
+            if chunked:
+                transport.write(b"0\r\n\r\n")
+        except Exception:
+            self._fail(UpstreamError("the request body could not be read"))
+            return
+        self._sent()
+
+    def _sent(self) -> None:
+        self._request_sent = True
+        self._last_read = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._pool.read_timeout, self._check_read_timeout)
+        if self._response_done:
+            self._finish()
+
+    def _finish(self) -> None:
+        """Hand the connection back to the pool (once per request)."""
+        if not self._in_use or (not self._closed and not self._response_done):
+            return
+        self._in_use = False
+        self._pump = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        reusable = not self._closed and self._parser.should_keep_alive()
+        if self._response is not None:
+            self._response._connection = None  # its release() must not touch the next request
+        self._response = None
+        self._pool._give_back(self, reusable)
+
+    def _check_read_timeout(self) -> None:
+        """One timer per request, re-armed while bytes keep coming (or we stopped reading)."""
+        self._timer = None
+        if self._response_done or self._closed:
+            return
+        idle = self._loop.time() - self._last_read
+        reading_paused = self._response is not None and self._response.body.paused
+        if idle < self._pool.read_timeout or reading_paused:
+            delay = self._pool.read_timeout - (0 if reading_paused else idle)
+            self._timer = self._loop.call_later(delay, self._check_read_timeout)
+            return
+        self._fail(TimeoutError("the upstream did not answer in time"))
+
+    def _fail(self, exc: BaseException) -> None:
+        self._closed = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(exc)
+        elif self._response is not None:
+            self._response.body.set_exception(exc)
+        if self._transport is not None:
+            self._transport.abort()
+
+    async def _wait_drained(self) -> None:
+        self._drain = self._loop.create_future()
+        await self._drain
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        self._got_bytes = True
+        self._last_read = self._loop.time()
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(UpstreamError(f"malformed answer: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        if self._waiter is not None and not self._waiter.done():
+            stale = _Stale if not self._got_bytes else UpstreamError
+            self._waiter.set_exception(stale("the upstream closed the connection"))
+        elif self._response is not None and not self._response_done:
+            if self._until_close:
+                self._complete()  # the close is the end of this body
+            else:
+                self._response.body.set_exception(UpstreamError("the answer was cut short"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._headers, self._length, self._until_close = [], None, True
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason = reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lower = name.lower()
+        if lower == b"content-length":
+            self._length, self._until_close = int(value), False
+        elif lower == b"transfer-encoding":
+            self._until_close = False
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if status < 200:
+            return  # 1xx interim answers are dropped; the final one follows
+        assert self._transport is not None
+        self._response = UpstreamResponse(
+            status,
+            self._reason,
+            self._headers,
+            BodyStream(self._transport),
+            self._length,
+            self,
+        )
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(self._response)
+        self._waiter = None
+        if status in (204, 304):
+            self._until_close = False  # no body, whatever the headers say (llhttp agrees)
+        elif self._head_only:
+            self._until_close = False
+            self._complete()
+            self._parser = httptools.HttpResponseParser(self)  # llhttp would wait for a body
+
+    def on_body(self, data: bytes) -> None:
+        if self._response is not None:
+            self._response.body.feed(data)
+
+    def on_message_complete(self) -> None:
+        if self._response is not None and not self._response_done:
+            self._complete()
+
+    def _complete(self) -> None:
+        assert self._response is not None
+        self._response_done = True
+        self._response.body.feed_eof()
+        if self._until_close:
+            self._closed = True
+        if self._request_sent:
+            self._finish()

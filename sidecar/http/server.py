@@ -1,0 +1,381 @@
+"""The proxy listeners' HTTP/1.1 server: llhttp parsing (httptools) on asyncio protocols.
+
+Every request an app makes passes through here, so this layer does only what a forwarding
+proxy needs: parse a request, hand it to one handler, write the handler's answer with the
+right framing, keep the connection alive. aiohttp's server (still used by the admin listener)
+builds a request object graph, a router match and a response writer per request; that costs
+more per request than the whole forward. Here a request is a method, a target, a header list
+and a body stream.
+
+Limits: the request head is bounded (431 past it); a connection with no request in flight is
+closed after ``KEEPALIVE_SECONDS``; pipelined requests are answered in order; an ``Upgrade``
+or ``CONNECT`` request is answered and the connection then closed (no tunnels).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import cast
+
+import httptools
+
+from sidecar.http.body import BodyStream
+from sidecar.responses import ERROR_HEADER, error_body
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 128
+KEEPALIVE_SECONDS = 75.0
+NO_BODY_STATUSES = frozenset({204, 304})
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    target: bytes  # the raw request-target, in whatever form the app sent it
+    headers: Headers  # as received, in order, original case
+    body: BodyStream | None  # None when the request has no body at all
+    length: int | None  # Content-Length, when the app sent one
+    keep_alive: bool = True
+    http11: bool = True
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    headers: Headers  # without framing fields: the server writes Content-Length or chunks
+    body: bytes | BodyStream = b""
+    length: int | None = None  # Content-Length to announce (for a HEAD answer, without a body)
+    reason: bytes = b""
+    release: Callable[[], None] | None = field(default=None)  # called once the body is written
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class HeadTooLarge(Exception):
+    """The request head passed MAX_HEAD_BYTES or MAX_HEADERS."""
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parse requests, run the handler for each in turn, write answers."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._loop = server.loop
+        self._parser = httptools.HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._url = b""
+        self._headers: Headers = []
+        self._head_bytes = 0
+        self._length: int | None = None
+        self._framed = False  # Content-Length or Transfer-Encoding seen
+        self._expect_continue = False
+        self._request: Request | None = None  # the one being parsed
+        self._pipeline: deque[Request] = deque()  # parsed, waiting for their turn
+        self._task: asyncio.Task[None] | None = None
+        self._upgraded = False  # no more HTTP on this connection after the current request
+        self._closing = False
+        self._write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self._idle_since = self._loop.time()
+        self._idle_timer: asyncio.TimerHandle | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self._server.connections.add(self)
+        self._arm_idle_timer(KEEPALIVE_SECONDS)
+
+    def data_received(self, data: bytes) -> None:
+        if self._upgraded:
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._upgraded = True  # CONNECT or Upgrade: answer this request, then close
+        except httptools.HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, HeadTooLarge):
+                self._reject(431, "headers_too_large", "the request head is too large")
+            else:
+                raise
+        except httptools.HttpParserError as exc:
+            self._reject(400, "bad_request", f"malformed request: {exc}")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._server.forget(self)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        for request in (self._request, *self._pipeline):
+            if request is not None and request.body is not None:
+                request.body.set_exception(ConnectionResetError("the app closed the connection"))
+        self._pipeline.clear()
+        self._resume_writers()
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._resume_writers()
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._url, self._headers, self._head_bytes = b"", [], 0
+        self._length, self._framed, self._expect_continue = None, False, False
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._count_head(len(url))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head(len(name) + len(value))
+        if len(self._headers) >= MAX_HEADERS:
+            raise HeadTooLarge
+        lower = name.lower()
+        if lower == b"content-length":
+            self._length, self._framed = int(value), True
+        elif lower == b"transfer-encoding":
+            self._framed = True
+        elif lower == b"expect":
+            self._expect_continue = value.lower() == b"100-continue"
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        assert self._transport is not None
+        body = BodyStream(self._transport) if self._framed else None
+        request = Request(
+            self._parser.get_method().decode("ascii"),
+            self._url,
+            self._headers,
+            body,
+            self._length,
+            self._parser.should_keep_alive(),
+            self._parser.get_http_version() == "1.1",
+        )
+        self._request = request
+        if self._task is None:
+            self._start(request)
+        else:
+            self._pipeline.append(request)
+            self._transport.pause_reading()  # one queued request is enough
+
+    def on_body(self, data: bytes) -> None:
+        if self._request is not None and self._request.body is not None:
+            self._request.body.feed(data)
+
+    def on_message_complete(self) -> None:
+        if self._request is not None and self._request.body is not None:
+            self._request.body.feed_eof()
+        self._request = None
+
+    # Serving
+
+    def shutdown(self) -> None:
+        """Finish the request in flight (answered with ``Connection: close``), then close."""
+        self._closing = True
+        if self._task is None and self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _start(self, request: Request) -> None:
+        assert self._transport is not None
+        if self._expect_continue and request.body is not None and not request.body.complete:
+            self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._task = self._loop.create_task(self._serve(request))
+
+    async def _serve(self, request: Request) -> None:
+        try:
+            response = await self._server.handler(request)
+        except Exception:
+            log.exception("handler_failed")
+            response = error_response(500, "internal_error", "the sidecar failed on this request")
+        try:
+            keep_alive = await self._write(request, response)
+        finally:
+            if response.release is not None:
+                response.release()
+        self._task = None
+        self._finish(keep_alive)
+
+    def _finish(self, keep_alive: bool) -> None:
+        transport = self._transport
+        assert transport is not None
+        if not keep_alive or self._closing or transport.is_closing():
+            transport.close()
+        elif self._pipeline:
+            self._start(self._pipeline.popleft())
+            transport.resume_reading()
+        else:
+            self._idle_since = self._loop.time()
+
+    async def _write(self, request: Request, response: Response) -> bool:
+        """Write the answer; True when the connection can carry another request."""
+        assert self._transport is not None
+        has_body = request.method != "HEAD" and _may_have_body(response.status)
+        streamed = isinstance(response.body, BodyStream)
+        chunked = has_body and streamed and response.length is None
+        keep_alive = (
+            request.keep_alive
+            and not self._upgraded
+            and not self._closing
+            and (request.body is None or request.body.complete)
+            and (not chunked or request.http11)  # HTTP/1.0: no chunks, the close ends the body
+        )
+        chunked = chunked and keep_alive
+        head = _head(response, request, keep_alive, chunked)
+        if not has_body:
+            self._transport.write(head)
+        elif isinstance(response.body, bytes):
+            self._transport.write(head + response.body)
+        else:
+            await self._stream(head, response.body, chunked)
+        return keep_alive
+
+    async def _stream(self, head: bytes, body: BodyStream, chunked: bool) -> None:
+        transport = self._transport
+        assert transport is not None
+        data = await body.read()
+        transport.write(head + (_chunk(data) if chunked and data else data))
+        while data and not transport.is_closing():
+            if self._write_paused:
+                await self._wait_drained()
+            data = await body.read()
+            if data:
+                transport.write(_chunk(data) if chunked else data)
+        if chunked:
+            transport.write(b"0\r\n\r\n")
+
+    async def _wait_drained(self) -> None:
+        if self._drain is None:
+            self._drain = self._loop.create_future()
+        await self._drain
+
+    def _resume_writers(self) -> None:
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        self._drain = None
+
+    def _reject(self, status: int, code: str, message: str) -> None:
+        """Answer a request that cannot be parsed, and close: the stream cannot be resynced."""
+        assert self._transport is not None
+        if self._task is None:
+            response = error_response(status, code, message, [(b"Connection", b"close")])
+            assert isinstance(response.body, bytes)
+            self._transport.write(_head(response, None, True, False) + response.body)
+        self._transport.close()
+
+    def _count_head(self, n: int) -> None:
+        self._head_bytes += n
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise HeadTooLarge
+
+    def _arm_idle_timer(self, delay: float) -> None:
+        self._idle_timer = self._loop.call_later(delay, self._check_idle)
+
+    def _check_idle(self) -> None:
+        """Close a connection that carried no request for KEEPALIVE_SECONDS (one timer each)."""
+        idle_for = self._loop.time() - self._idle_since
+        if self._task is None and idle_for >= KEEPALIVE_SECONDS and self._transport is not None:
+            self._transport.close()
+        else:
+            self._arm_idle_timer(max(KEEPALIVE_SECONDS - idle_for, 1.0))
+
+
+def _may_have_body(status: int) -> bool:
+    return status >= 200 and status not in NO_BODY_STATUSES
+
+
+def _head(response: Response, request: Request | None, keep_alive: bool, chunked: bool) -> bytes:
+    reason = response.reason or _reason(response.status)
+    lines = [b"HTTP/1.1 %d %s\r\n" % (response.status, reason)]
+    lines.extend(b"%s: %s\r\n" % pair for pair in response.headers)
+    if response.length is not None:
+        lines.append(b"Content-Length: %d\r\n" % response.length)
+    elif isinstance(response.body, bytes):
+        lines.append(b"Content-Length: %d\r\n" % len(response.body))
+    elif chunked:
+        lines.append(b"Transfer-Encoding: chunked\r\n")
+    if request is not None and keep_alive != (request.keep_alive and request.http11):
+        lines.append(b"Connection: keep-alive\r\n" if keep_alive else b"Connection: close\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b"Unknown"
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def error_response(
+    status: int, code: str, message: str, headers: Headers | None = None, **details: object
+) -> Response:
+    """An answer made by the sidecar itself: JSON, marked with ``X-Sidecar-Error``."""
+    fields: Headers = [
+        (b"Content-Type", b"application/json"),
+        (ERROR_HEADER.encode("ascii"), code.encode("ascii")),
+        *(headers or ()),
+    ]
+    return Response(status, fields, error_body(code, message, **details))
+
+
+class Server:
+    """The listening socket and its connections; closes them gracefully on ``close``."""
+
+    def __init__(self, handler: Handler, loop: asyncio.AbstractEventLoop) -> None:
+        self.handler = handler
+        self.loop = loop
+        self.connections: set[_Connection] = set()
+        self.all_closed = asyncio.Event()
+        self._server: asyncio.Server | None = None
+
+    async def listen(self, host: str, port: int, *, reuse_port: bool = False) -> tuple[str, int]:
+        self._server = await self.loop.create_server(
+            lambda: _Connection(self), host, port, backlog=1024, reuse_port=reuse_port or None
+        )
+        address: tuple[str, int] = self._server.sockets[0].getsockname()[:2]
+        return address
+
+    def forget(self, connection: _Connection) -> None:
+        self.connections.discard(connection)
+        if not self.connections:
+            self.all_closed.set()
+
+    async def close(self, grace_seconds: float) -> None:
+        """Stop accepting, let requests in flight finish (at most ``grace_seconds``), abort."""
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            connection.shutdown()
+        if self.connections:
+            self.all_closed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.all_closed.wait(), grace_seconds)
+        for connection in list(self.connections):
+            connection.abort()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
