@@ -70,6 +70,7 @@ class UpstreamProxy:
         self._base_path = urlsplit(cfg.target).path.rstrip("/").encode("ascii")
         self._latency = metrics.upstream_latency.labels(cfg.name)
         self._request_counters: dict[tuple[str, int], object] = {}
+        self._replay_limit = cfg.replay_limit_bytes
 
     async def handle(self, request: Request) -> Response:
         response = await self._handle(request)
@@ -114,8 +115,13 @@ class UpstreamProxy:
         self, request: Request, path: bytes, headers: Headers, account: str
     ) -> Response:
         provider = self._cfg.provider
-        body, replayable = await read_body(request, self._cfg.replay_limit_bytes)
-        token = await self._credentials.current(provider, account)
+        body: RequestBody = None
+        replayable = True
+        if request.body is not None:
+            body, replayable = await read_body(request.body, request.length, self._replay_limit)
+        token = self._credentials.fresh(provider, account) or await self._credentials.current(
+            provider, account
+        )
         # Retry once, as an explicit bounded loop: the second answer goes back as it is.
         for attempt in range(2):
             upstream = await self._send(request, path, headers, body, token)
@@ -240,32 +246,40 @@ def _remove_dot_segments(path: str) -> str:
 
 def forward_headers(incoming: Headers) -> tuple[Headers, str | None]:
     """The app's headers minus hop-by-hop fields and its credentials; the account it named."""
-    drop = REQUEST_DROP | _connection_tokens(incoming)
-    account = None
     kept: Headers = []
+    account = connection = None
     for name, value in incoming:
         lower = name.lower()
-        if lower not in drop:
+        if lower not in REQUEST_DROP:
             kept.append((name, value))
         elif lower == b"x-sidecar-account":
             account = value.decode("latin-1")
-    return kept, account
+        elif lower == b"connection":
+            connection = value if connection is None else connection + b"," + value
+    return _without_connection_options(kept, connection), account
 
 
 def response_headers(incoming: Headers) -> Headers:
-    drop = RESPONSE_DROP | _connection_tokens(incoming)
-    return [(name, value) for name, value in incoming if name.lower() not in drop]
+    kept: Headers = []
+    connection = None
+    for name, value in incoming:
+        lower = name.lower()
+        if lower not in RESPONSE_DROP:
+            kept.append((name, value))
+        elif lower == b"connection":
+            connection = value if connection is None else connection + b"," + value
+    return _without_connection_options(kept, connection)
 
 
-def _connection_tokens(headers: Headers) -> frozenset[bytes]:
+def _without_connection_options(headers: Headers, connection: bytes | None) -> Headers:
     """Fields named in Connection are hop-by-hop too (RFC 9110 §7.6.1)."""
-    tokens = [
-        token.strip().lower()
-        for name, value in headers
-        if name.lower() == b"connection"
-        for token in value.split(b",")
-    ]
-    return frozenset(t for t in tokens if t)
+    if connection is None:
+        return headers
+    named = {token.strip().lower() for token in connection.split(b",")} - HOP_BY_HOP
+    named.discard(b"close")
+    if not named:
+        return headers  # the usual "keep-alive" or "close": nothing more to drop
+    return [(name, value) for name, value in headers if name.lower() not in named]
 
 
 def is_invalid_token_challenge(value: str) -> bool:
@@ -280,16 +294,13 @@ def is_invalid_token_challenge(value: str) -> bool:
     return False
 
 
-async def read_body(request: Request, limit: int) -> tuple[RequestBody, bool]:
+async def read_body(body: BodyStream, length: int | None, limit: int) -> tuple[RequestBody, bool]:
     """The body to forward, and whether it can be sent a second time.
 
     Bodies up to ``limit`` bytes are buffered for a replay; larger ones are streamed through
     without buffering and cannot be replayed.
     """
-    body: BodyStream | None = request.body
-    if body is None:
-        return None, True
-    if request.length is not None and request.length > limit:
+    if length is not None and length > limit:
         return body, False
     whole = await body.read_all(limit)
     return (body, False) if whole is None else (whole, True)

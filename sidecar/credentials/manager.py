@@ -103,6 +103,14 @@ class CredentialManager:
             return CLIENT_CREDENTIALS_ACCOUNT
         return requested
 
+    def fresh(self, provider: str, account: str) -> Token | None:
+        """The cached token when it is FRESH: the hot path, with no coroutine to run."""
+        cred = self._cache.get((provider, account))
+        if cred is None or cred.state is AccountState.REAUTHORIZATION_REQUIRED:
+            return None
+        skew = self._providers[provider].refresh_skew_seconds
+        return cred.token if cred.token.state(self._clock(), skew) is TokenState.FRESH else None
+
     async def current(self, provider: str, account: str) -> Token:
         """A token that is safe to inject now; refreshes first when it is STALE or INVALID."""
         cred = self._cache.get((provider, account)) or await self._load(provider, account)

@@ -68,7 +68,13 @@ class BodyStream:
             if self._eof:
                 return b""
             await self._wait()
-        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        return self.take()
+
+    def take(self) -> bytes:
+        """Everything buffered now, without waiting."""
+        if self._exc is not None and not self._chunks:
+            raise self._exc
+        data = b"".join(self._chunks)
         self._chunks.clear()
         self._size = 0
         self._resume()

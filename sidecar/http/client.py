@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections import deque
 from dataclasses import dataclass, field
 from typing import cast
 from urllib.parse import urlsplit
@@ -21,6 +22,9 @@ from sidecar.http.body import BodyStream
 
 Headers = list[tuple[bytes, bytes]]
 RequestBody = bytes | BodyStream | None
+
+
+_FRAMING_NAME_LENGTHS = frozenset({len(b"content-length"), len(b"transfer-encoding")})
 
 
 class UpstreamError(Exception):
@@ -64,7 +68,9 @@ class UpstreamPool:
         self._ssl = ssl.create_default_context() if self._https else None
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self._slots = asyncio.Semaphore(max_connections)
+        self._limit = max_connections
+        self._busy = 0  # connections carrying a request, or being opened for one
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
         self._idle: list[_Connection] = []
 
     async def send(
@@ -81,7 +87,7 @@ class UpstreamPool:
         """
         head = self._head(method, target, headers, body, length)
         for attempt in range(2):
-            connection = await self._acquire()
+            connection = self._reuse() or await self._acquire()
             try:
                 return await connection.exchange(method, head, body, length is None)
             except _Stale:
@@ -108,17 +114,37 @@ class UpstreamPool:
         lines.append(b"\r\n")
         return b"".join(lines)
 
-    async def _acquire(self) -> _Connection:
-        await self._slots.acquire()
-        while self._idle:
+    def _reuse(self) -> _Connection | None:
+        """An idle keep-alive connection, when one is free and a slot too (no waiting)."""
+        while self._idle and self._busy < self._limit:
             connection = self._idle.pop()
             if connection.usable:
+                self._busy += 1
                 return connection
             connection.close()
+        return None
+
+    async def _acquire(self) -> _Connection:
+        """A connection, waiting for a slot when ``max_connections`` are busy."""
+        while self._busy >= self._limit:
+            waiter = asyncio.get_running_loop().create_future()
+            self._slot_waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter in self._slot_waiters:
+                    self._slot_waiters.remove(waiter)
+                elif not waiter.cancelled():
+                    self._wake_one()  # the slot we were handed goes to the next in line
+                raise
+        connection = self._reuse()
+        if connection is not None:
+            return connection
+        self._busy += 1
         try:
             return await self._connect()
         except BaseException:
-            self._slots.release()
+            self._free_slot()
             raise
 
     async def _connect(self) -> _Connection:
@@ -141,7 +167,18 @@ class UpstreamPool:
             self._idle.append(connection)
         else:
             connection.close()
-        self._slots.release()
+        self._free_slot()
+
+    def _free_slot(self) -> None:
+        self._busy -= 1
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
 
 class _Connection(asyncio.Protocol):
@@ -320,11 +357,12 @@ class _Connection(asyncio.Protocol):
         self._reason = reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        lower = name.lower()
-        if lower == b"content-length":
-            self._length, self._until_close = int(value), False
-        elif lower == b"transfer-encoding":
-            self._until_close = False
+        if len(name) in _FRAMING_NAME_LENGTHS:  # skips lower() for most fields
+            lower = name.lower()
+            if lower == b"content-length":
+                self._length, self._until_close = int(value), False
+            elif lower == b"transfer-encoding":
+                self._until_close = False
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:

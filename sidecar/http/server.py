@@ -199,7 +199,7 @@ class _Connection(asyncio.Protocol):
         assert self._transport is not None
         if self._expect_continue and request.body is not None and not request.body.complete:
             self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self._task = self._loop.create_task(self._serve(request))
+        self._task = self._loop.create_task(self._serve(request), name="request")
 
     async def _serve(self, request: Request) -> None:
         try:
@@ -229,9 +229,14 @@ class _Connection(asyncio.Protocol):
     async def _write(self, request: Request, response: Response) -> bool:
         """Write the answer; True when the connection can carry another request."""
         assert self._transport is not None
+        body = response.body
+        if isinstance(body, BodyStream) and body.complete:
+            body = body.take()  # all of it is here already: one write, with its length
         has_body = request.method != "HEAD" and _may_have_body(response.status)
-        streamed = isinstance(response.body, BodyStream)
-        chunked = has_body and streamed and response.length is None
+        length = response.length
+        if length is None and isinstance(body, bytes) and _may_have_body(response.status):
+            length = len(body)
+        chunked = has_body and length is None
         keep_alive = (
             request.keep_alive
             and not self._upgraded
@@ -240,13 +245,13 @@ class _Connection(asyncio.Protocol):
             and (not chunked or request.http11)  # HTTP/1.0: no chunks, the close ends the body
         )
         chunked = chunked and keep_alive
-        head = _head(response, request, keep_alive, chunked)
+        head = _head(response, length, chunked, _connection_field(request, keep_alive))
         if not has_body:
             self._transport.write(head)
-        elif isinstance(response.body, bytes):
-            self._transport.write(head + response.body)
+        elif isinstance(body, bytes):
+            self._transport.write(head + body)
         else:
-            await self._stream(head, response.body, chunked)
+            await self._stream(head, body, chunked)
         return keep_alive
 
     async def _stream(self, head: bytes, body: BodyStream, chunked: bool) -> None:
@@ -277,9 +282,11 @@ class _Connection(asyncio.Protocol):
         """Answer a request that cannot be parsed, and close: the stream cannot be resynced."""
         assert self._transport is not None
         if self._task is None:
-            response = error_response(status, code, message, [(b"Connection", b"close")])
+            response = error_response(status, code, message)
             assert isinstance(response.body, bytes)
-            self._transport.write(_head(response, None, True, False) + response.body)
+            connection = b"Connection: close\r\n"
+            head = _head(response, len(response.body), False, connection)
+            self._transport.write(head + response.body)
         self._transport.close()
 
     def _count_head(self, n: int) -> None:
@@ -303,20 +310,24 @@ def _may_have_body(status: int) -> bool:
     return status >= 200 and status not in NO_BODY_STATUSES
 
 
-def _head(response: Response, request: Request | None, keep_alive: bool, chunked: bool) -> bytes:
+def _head(response: Response, length: int | None, chunked: bool, connection: bytes) -> bytes:
     reason = response.reason or _reason(response.status)
     lines = [b"HTTP/1.1 %d %s\r\n" % (response.status, reason)]
     lines.extend(b"%s: %s\r\n" % pair for pair in response.headers)
-    if response.length is not None:
-        lines.append(b"Content-Length: %d\r\n" % response.length)
-    elif isinstance(response.body, bytes):
-        lines.append(b"Content-Length: %d\r\n" % len(response.body))
+    if length is not None:
+        lines.append(b"Content-Length: %d\r\n" % length)
     elif chunked:
         lines.append(b"Transfer-Encoding: chunked\r\n")
-    if request is not None and keep_alive != (request.keep_alive and request.http11):
-        lines.append(b"Connection: keep-alive\r\n" if keep_alive else b"Connection: close\r\n")
+    lines.append(connection)
     lines.append(b"\r\n")
     return b"".join(lines)
+
+
+def _connection_field(request: Request, keep_alive: bool) -> bytes:
+    """A Connection field only where the default of the client's HTTP version does not hold."""
+    if keep_alive == (request.keep_alive and request.http11):
+        return b""
+    return b"Connection: keep-alive\r\n" if keep_alive else b"Connection: close\r\n"
 
 
 def _reason(status: int) -> bytes:
