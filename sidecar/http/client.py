@@ -3,8 +3,8 @@
 One pool per ``[[upstream]]``, bound to its target's origin: there is no way to send a request
 anywhere else. It never follows redirects, never decodes content, adds only ``Host`` and the
 framing fields. A reused connection that the upstream had already closed (it gets no byte of an
-answer) is retried once on a new connection when the body can be sent again, as browsers and Go's
-net/http do.
+answer) is retried once on a new connection when the request is idempotent and its body can be
+sent again, as Go's net/http does.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ Headers = list[tuple[bytes, bytes]]
 RequestBody = bytes | BodyStream | None
 
 
+# RFC 9110 §9.2.2: a request that may have reached a dying connection can be sent again.
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _FRAMING_NAME_LENGTHS = frozenset({len(b"content-length"), len(b"transfer-encoding")})
 
 
@@ -91,7 +93,7 @@ class UpstreamPool:
             try:
                 return await connection.exchange(method, head, body, length is None)
             except _Stale:
-                if attempt or isinstance(body, BodyStream):
+                if attempt or isinstance(body, BodyStream) or method not in IDEMPOTENT:
                     raise
         raise AssertionError("unreachable")
 
