@@ -4,17 +4,22 @@
 else needs ``Authorization: Bearer <token from [admin] token_file>``; without a token file the
 JSON API is off. Every answer is JSON and none ever holds a token. ``/openapi.json`` (the
 ``openapi.json`` beside this module) documents the API.
+
+It runs on the same small HTTP server as the proxy listeners, with a route table instead of a
+web framework: eleven routes do not need one, and the process then carries one HTTP stack.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable
+import json
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from importlib import resources
+from urllib.parse import parse_qsl, unquote
 
-from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.credentials.accounts import (
@@ -36,103 +41,125 @@ from sidecar.errors import (
     TransientGrantError,
     UnknownAccount,
 )
+from sidecar.http.messages import Headers, Request, Response
+from sidecar.http.responses import error_response, json_response
 from sidecar.metrics import Metrics
 from sidecar.model import AccountState
-from sidecar.responses import error_response
 from sidecar.store import TokenStore
-
-STORE: web.AppKey[TokenStore] = web.AppKey("store", TokenStore)
-METRICS = web.AppKey("metrics", Metrics)
-PROVIDERS: web.AppKey[tuple[str, ...]] = web.AppKey("providers", tuple)
-LISTENERS_UP: web.AppKey[Callable[[], bool]] = web.AppKey("listeners_up", Callable)  # type: ignore[arg-type]
-ACCOUNTS = web.AppKey("accounts", AccountService)
 
 OPEN_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 ACCOUNT = "/v1/providers/{provider}/accounts/{account}"
-CHALLENGE = {"WWW-Authenticate": 'Bearer realm="sidecar-admin"'}
+CHALLENGE: Headers = [(b"WWW-Authenticate", b'Bearer realm="sidecar-admin"')]
+MAX_BODY_BYTES = 1024 * 1024
 
 
-def make_admin_app(
-    store: TokenStore,
-    metrics: Metrics,
-    providers: tuple[str, ...],
-    listeners_up: Callable[[], bool],
-    accounts: AccountService | None = None,
-    admin_token: str | None = None,
-) -> web.Application:
-    """The admin app; the accounts API answers only when both ``accounts`` and a token are set."""
-    enabled = accounts is not None and admin_token is not None
-    app = web.Application(middlewares=[guard(admin_token if enabled else None), json_errors])
-    app[STORE], app[METRICS], app[PROVIDERS], app[LISTENERS_UP] = (
-        store,
-        metrics,
-        providers,
-        listeners_up,
-    )
-    app.router.add_get("/metrics", metrics_handler)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    if accounts is not None:
-        app[ACCOUNTS] = accounts
-        add_account_routes(app.router)
-    return app
+@dataclass(frozen=True, slots=True)
+class AdminRequest:
+    method: str
+    path: str
+    params: dict[str, str]  # from the route's {placeholders}, percent-decoded
+    query: dict[str, str]
+    body: bytes
 
 
-def add_account_routes(router: web.UrlDispatcher) -> None:
-    router.add_get("/openapi.json", openapi)
-    router.add_get("/v1/providers", list_providers)
-    router.add_get("/v1/providers/{provider}/accounts", list_accounts)
-    router.add_get(ACCOUNT, get_account)
-    router.add_put(ACCOUNT, put_account)
-    router.add_delete(ACCOUNT, delete_account)
-    router.add_post(ACCOUNT + "/authorize", authorize_account)
-    router.add_post(ACCOUNT + "/refresh", refresh_account)
+Endpoint = Callable[["AdminApi", AdminRequest], Awaitable[Response]]
 
 
-def guard(token: str | None) -> Middleware:
-    """Bearer authentication for everything but the open probes, compared in constant time."""
-    # Hashing first makes the comparison independent of the presented token's length too.
-    expected = hashlib.sha256(token.encode()).digest() if token is not None else None
+@dataclass(frozen=True, slots=True)
+class Route:
+    method: str
+    template: str
+    endpoint: Endpoint
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in OPEN_PATHS:
-            return await handler(request)
-        if expected is None:
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile("^" + re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", self.template) + "$")
+
+
+class AdminApi:
+    """The admin handler; the accounts API answers only when both ``accounts`` and a token
+    are set."""
+
+    def __init__(
+        self,
+        store: TokenStore,
+        metrics: Metrics,
+        providers: tuple[str, ...],
+        listeners_up: Callable[[], bool],
+        accounts: AccountService | None = None,
+        admin_token: str | None = None,
+    ) -> None:
+        self.store, self.metrics, self.providers = store, metrics, providers
+        self.listeners_up = listeners_up
+        self._accounts = accounts
+        # Hashing first makes the comparison independent of the presented token's length too.
+        self._expected = (
+            hashlib.sha256(admin_token.encode()).digest()
+            if accounts is not None and admin_token is not None
+            else None
+        )
+        self.routes = OPEN_ROUTES + (ACCOUNT_ROUTES if accounts is not None else ())
+        self._routes = [(route, route.pattern) for route in self.routes]
+
+    @property
+    def accounts(self) -> AccountService:
+        assert self._accounts is not None  # account routes exist only with a service
+        return self._accounts
+
+    async def handle(self, request: Request) -> Response:
+        path, _, query = request.target.decode("latin-1").partition("?")
+        if path not in OPEN_PATHS:
+            refused = self._refuse(request.headers)
+            if refused is not None:
+                return refused
+        found = self._route(request.method, path)
+        if isinstance(found, Response):
+            return found
+        endpoint, params = found
+        body = b""
+        if request.body is not None:
+            whole = await request.body.read_all(MAX_BODY_BYTES)
+            if whole is None:
+                return error_response(413, "payload_too_large", "the body is too large")
+            body = whole
+        admin_request = AdminRequest(request.method, path, params, dict(parse_qsl(query)), body)
+        try:
+            return await endpoint(self, admin_request)
+        except SidecarError as exc:
+            return error_for(exc)
+
+    def _refuse(self, headers: Headers) -> Response | None:
+        """Bearer authentication for everything but the open probes, in constant time."""
+        if self._expected is None:
             return error_response(
                 404,
                 "admin_api_disabled",
                 "the admin API is disabled: set [admin] token_file to enable it",
             )
-        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+        authorization = next((v for k, v in headers if k.lower() == b"authorization"), b"")
+        scheme, _, presented = authorization.decode("latin-1").partition(" ")
         digest = hashlib.sha256(presented.strip().encode()).digest()
-        valid = hmac.compare_digest(digest, expected)
-        if scheme.lower() != "bearer" or not valid:
+        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self._expected):
             return error_response(
-                401, "unauthorized", "a valid admin bearer token is required", headers=CHALLENGE
+                401, "unauthorized", "a valid admin bearer token is required", CHALLENGE
             )
-        return await handler(request)
+        return None
 
-    return middleware
-
-
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Errors as JSON with ``X-Sidecar-Error``, like every answer the sidecar makes itself."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        code = exc.reason.lower().replace(" ", "_")
-        return error_response(exc.status, code, exc.reason, headers=_allow(exc))
-    except SidecarError as exc:
-        return error_for(exc)
-
-
-def _allow(exc: web.HTTPException) -> dict[str, str] | None:
-    allow = exc.headers.get("Allow")
-    return {"Allow": allow} if allow else None
+    def _route(self, method: str, path: str) -> tuple[Endpoint, dict[str, str]] | Response:
+        allowed: list[str] = []
+        for route, pattern in self._routes:
+            match = pattern.match(path)
+            if match is None:
+                continue
+            if route.method == method or (route.method == "GET" and method == "HEAD"):
+                return route.endpoint, {k: unquote(v) for k, v in match.groupdict().items()}
+            allowed += [route.method, "HEAD"] if route.method == "GET" else [route.method]
+        if allowed:
+            allow = ",".join(sorted(set(allowed))).encode("ascii")
+            return error_response(
+                405, "method_not_allowed", "Method Not Allowed", [(b"Allow", allow)]
+            )
+        return error_response(404, "not_found", "Not Found")
 
 
 # Errors answered with their message only; the first matching class wins.
@@ -145,7 +172,7 @@ PLAIN_ERRORS: tuple[tuple[type[SidecarError], int, str], ...] = (
 )
 
 
-def error_for(exc: SidecarError) -> web.Response:
+def error_for(exc: SidecarError) -> Response:
     """The status, code and details of each error the account service raises."""
     for kind, status, code in PLAIN_ERRORS:
         if isinstance(exc, kind):
@@ -157,8 +184,8 @@ def error_for(exc: SidecarError) -> web.Response:
     if isinstance(exc, ReauthorizationRequired):  # 409, not 401: the admin's token is fine
         return error_response(409, exc.code, str(exc), reason=exc.reason, since=exc.since)
     if isinstance(exc, TokenUnavailable):
-        retry = {"Retry-After": str(exc.retry_after)}
-        return error_response(503, exc.code, str(exc), headers=retry)
+        retry = [(b"Retry-After", str(exc.retry_after).encode("ascii"))]
+        return error_response(503, exc.code, str(exc), retry)
     if isinstance(exc, FatalGrantError):  # the provider rejected the code (RFC 6749 §5.2)
         return error_response(
             400,
@@ -168,99 +195,112 @@ def error_for(exc: SidecarError) -> web.Response:
             provider_error_description=exc.description,
         )
     if isinstance(exc, TransientGrantError):
-        later = {"Retry-After": str(int(exc.retry_after))} if exc.retry_after else None
-        return error_response(502, "token_endpoint_unavailable", str(exc), headers=later)
+        later = [(b"Retry-After", b"%d" % exc.retry_after)] if exc.retry_after else None
+        return error_response(502, "token_endpoint_unavailable", str(exc), later)
     if isinstance(exc, RevocationFailed):
         error = exc.cause.error if isinstance(exc.cause, FatalGrantError) else None
         return error_response(502, "revocation_failed", str(exc), provider_error=error)
     return error_response(500, "internal_error", type(exc).__name__)
 
 
-async def _body(request: web.Request) -> object:
+def _body(request: AdminRequest) -> object:
     try:
-        return await request.json()
+        return json.loads(request.body)
     except ValueError:
         raise InvalidInput(["body: must be JSON"]) from None
 
 
-def _names(request: web.Request) -> tuple[str, str]:
-    return request.match_info["provider"], request.match_info["account"]
+def _names(request: AdminRequest) -> tuple[str, str]:
+    return request.params["provider"], request.params["account"]
 
 
-def _stored(stored: Stored, **extra: object) -> web.Response:
-    return web.json_response(
-        stored.summary.to_json() | extra, status=201 if stored.created else 200
-    )
+def _stored(stored: Stored, **extra: object) -> Response:
+    return json_response(stored.summary.to_json() | extra, status=201 if stored.created else 200)
 
 
-async def openapi(request: web.Request) -> web.Response:
-    text = resources.files("sidecar").joinpath("openapi.json").read_text()
-    return web.Response(text=text, content_type="application/json")
+async def openapi(api: AdminApi, request: AdminRequest) -> Response:
+    return Response(200, [(b"Content-Type", b"application/json")], OPENAPI)
 
 
-async def list_providers(request: web.Request) -> web.Response:
-    return web.json_response({"providers": await request.app[ACCOUNTS].providers()})
+async def list_providers(api: AdminApi, request: AdminRequest) -> Response:
+    return json_response({"providers": await api.accounts.providers()})
 
 
-async def list_accounts(request: web.Request) -> web.Response:
-    provider = request.match_info["provider"]
-    service = request.app[ACCOUNTS]
-    service.provider(provider)  # an unknown provider is a 404 before any parameter problem
-    page = await service.list(provider, ListQuery.parse(request.query))
-    return web.json_response(page.to_json())
+async def list_accounts(api: AdminApi, request: AdminRequest) -> Response:
+    provider = request.params["provider"]
+    api.accounts.provider(provider)  # an unknown provider is a 404 before any parameter problem
+    page = await api.accounts.list(provider, ListQuery.parse(request.query))
+    return json_response(page.to_json())
 
 
-async def get_account(request: web.Request) -> web.Response:
-    return web.json_response((await request.app[ACCOUNTS].get(*_names(request))).to_json())
+async def get_account(api: AdminApi, request: AdminRequest) -> Response:
+    return json_response((await api.accounts.get(*_names(request))).to_json())
 
 
-async def put_account(request: web.Request) -> web.Response:
-    return _stored(await request.app[ACCOUNTS].put(*_names(request), await _body(request)))
+async def put_account(api: AdminApi, request: AdminRequest) -> Response:
+    return _stored(await api.accounts.put(*_names(request), _body(request)))
 
 
-async def authorize_account(request: web.Request) -> web.Response:
-    stored = await request.app[ACCOUNTS].authorize(*_names(request), await _body(request))
+async def authorize_account(api: AdminApi, request: AdminRequest) -> Response:
+    stored = await api.accounts.authorize(*_names(request), _body(request))
     return _stored(stored, warnings=list(stored.warnings))
 
 
-async def refresh_account(request: web.Request) -> web.Response:
-    return web.json_response((await request.app[ACCOUNTS].refresh(*_names(request))).to_json())
+async def refresh_account(api: AdminApi, request: AdminRequest) -> Response:
+    return json_response((await api.accounts.refresh(*_names(request))).to_json())
 
 
-async def delete_account(request: web.Request) -> web.Response:
+async def delete_account(api: AdminApi, request: AdminRequest) -> Response:
     force = request.query.get("force", "false")
     if force not in ("true", "false"):
         raise InvalidInput([f"force: must be true or false, got {force!r}"])
     provider, account = _names(request)
-    revocation = await request.app[ACCOUNTS].revoke(provider, account, force=force == "true")
-    return web.json_response({"account": account, "deleted": True, "revocation": revocation})
+    revocation = await api.accounts.revoke(provider, account, force=force == "true")
+    return json_response({"account": account, "deleted": True, "revocation": revocation})
 
 
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+async def healthz(api: AdminApi, request: AdminRequest) -> Response:
+    return json_response({"status": "ok"})
 
 
-async def readyz(request: web.Request) -> web.Response:
-    if not request.app[LISTENERS_UP]():
+async def readyz(api: AdminApi, request: AdminRequest) -> Response:
+    if not api.listeners_up():
         return error_response(503, "not_ready", "proxy listeners are not up")
     try:
-        await request.app[STORE].ping()
+        await api.store.ping()
     except StoreError as exc:
         return error_response(503, "store_unavailable", str(exc))
-    return web.json_response({"status": "ready"})
+    return json_response({"status": "ready"})
 
 
-async def metrics_handler(request: web.Request) -> web.Response:
-    metrics = request.app[METRICS]
+async def metrics(api: AdminApi, request: AdminRequest) -> Response:
     try:
-        counts = await request.app[STORE].count_by_state()
+        counts = await api.store.count_by_state()
     except StoreError:
         counts = None  # keep the last known account counts rather than fail the scrape
     if counts is not None:
-        for provider in request.app[PROVIDERS]:
+        for provider in api.providers:
             for state in AccountState:
-                metrics.accounts.labels(provider, state.value).set(
+                api.metrics.accounts.labels(provider, state.value).set(
                     counts.get((provider, state.value), 0)
                 )
-    body = generate_latest(metrics.registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    body = generate_latest(api.metrics.registry)
+    return Response(200, [(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))], body)
+
+
+OPENAPI = resources.files("sidecar").joinpath("openapi.json").read_bytes()
+OPEN_ROUTES = (
+    Route("GET", "/metrics", metrics),
+    Route("GET", "/healthz", healthz),
+    Route("GET", "/readyz", readyz),
+)
+ACCOUNT_ROUTES = (
+    Route("GET", "/openapi.json", openapi),
+    Route("GET", "/v1/providers", list_providers),
+    Route("GET", "/v1/providers/{provider}/accounts", list_accounts),
+    Route("GET", ACCOUNT, get_account),
+    Route("PUT", ACCOUNT, put_account),
+    Route("DELETE", ACCOUNT, delete_account),
+    Route("POST", ACCOUNT + "/authorize", authorize_account),
+    Route("POST", ACCOUNT + "/refresh", refresh_account),
+)

@@ -14,11 +14,9 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
-import aiohttp
-from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from sidecar.admin import make_admin_app
+from sidecar.admin import AdminApi
 from sidecar.config import Config, UpstreamConfig
 from sidecar.credentials import CredentialManager
 from sidecar.credentials.accounts import AccountService, make_account_service
@@ -26,7 +24,8 @@ from sidecar.credentials.notifier import Notifier
 from sidecar.credentials.refresher import Refresher
 from sidecar.crypto import TokenCipher
 from sidecar.grants import make_grant
-from sidecar.http.client import UpstreamPool
+from sidecar.http.client import HttpClient, UpstreamPool
+from sidecar.http.messages import Handler
 from sidecar.http.server import Server
 from sidecar.metrics import Metrics
 from sidecar.model import Clock, system_clock
@@ -47,7 +46,6 @@ class Sidecar:
     refresher: Refresher
     addresses: dict[str, tuple[str, int]] = field(default_factory=dict)  # listener -> address
     _exit: AsyncExitStack = field(default_factory=AsyncExitStack)
-    _runners: list[web.BaseRunner] = field(default_factory=list)
     _servers: list[Server] = field(default_factory=list)
 
     @classmethod
@@ -77,12 +75,11 @@ class Sidecar:
     ) -> Sidecar:
         store = await open_store(config.store.url)
         exit_stack.push_async_callback(store.close)
-        token_session = await exit_stack.enter_async_context(
-            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
-        )
-        tasks = Tasks()  # closed first: refreshes stop before the session and store go
+        token_http = HttpClient()
+        exit_stack.push_async_callback(token_http.close)
+        tasks = Tasks()  # closed first: refreshes stop before the HTTP client and store go
         exit_stack.push_async_callback(tasks.close)
-        grants = {p.name: make_grant(token_session, p, clock) for p in config.providers}
+        grants = {p.name: make_grant(token_http, p, clock) for p in config.providers}
         providers = {p.name: p for p in config.providers}
         credentials = CredentialManager(
             store,
@@ -93,7 +90,7 @@ class Sidecar:
             clock,
             tasks,
             rng,
-            Notifier(token_session, config.notify, tasks) if config.notify else None,
+            Notifier(token_http, config.notify, tasks) if config.notify else None,
         )
         await credentials.reset_client_credentials()
         refresher = Refresher(store, credentials, providers, clock)
@@ -106,12 +103,12 @@ class Sidecar:
             config.providers,
             store,
             TokenCipher(config.store.keys),
-            token_session,
+            token_http,
             credentials,
             clock,
             changed=_on_account_change(credentials, refresher),
         )
-        admin = make_admin_app(
+        admin = AdminApi(
             store,
             metrics,
             tuple(p.name for p in config.providers),
@@ -119,26 +116,19 @@ class Sidecar:
             accounts,
             config.admin.token,
         )
-        runner = web.AppRunner(
-            admin, access_log=None, shutdown_timeout=config.shutdown_timeout_seconds
-        )
-        await sidecar._listen("admin", runner, config.admin.host, config.admin.port)
+        await sidecar._listen("admin", admin.handle, config.admin.host, config.admin.port)
         return sidecar
 
     async def _listen_upstream(self, cfg: UpstreamConfig) -> None:
         pool = upstream_pool(cfg)
         self._exit.push_async_callback(pool.close)
         proxy = UpstreamProxy(cfg, self.credentials, pool, self.metrics, self.clock)
-        server = Server(proxy.handle, asyncio.get_running_loop())
-        self._servers.append(server)
-        self.addresses[cfg.name] = await server.listen(cfg.host, cfg.port)
-        log.info("listening", extra={"listener": cfg.name, "port": self.addresses[cfg.name][1]})
+        await self._listen(cfg.name, proxy.handle, cfg.host, cfg.port)
 
-    async def _listen(self, name: str, runner: web.BaseRunner, host: str, port: int) -> None:
-        await runner.setup()
-        self._runners.append(runner)
-        await web.TCPSite(runner, host, port).start()
-        self.addresses[name] = runner.addresses[0][:2]
+    async def _listen(self, name: str, handler: Handler, host: str, port: int) -> None:
+        server = Server(handler, asyncio.get_running_loop())
+        self._servers.append(server)
+        self.addresses[name] = await server.listen(host, port)
         log.info("listening", extra={"listener": name, "port": self.addresses[name][1]})
 
     def listeners_up(self) -> bool:
@@ -150,12 +140,9 @@ class Sidecar:
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish (bounded), then release everything."""
-        timeout = self.config.shutdown_timeout_seconds
-        await asyncio.gather(*(server.close(timeout) for server in self._servers))
+        grace = self.config.shutdown_timeout_seconds
+        await asyncio.gather(*(server.close(grace) for server in self._servers))
         self._servers.clear()
-        for runner in reversed(self._runners):
-            await runner.cleanup()
-        self._runners.clear()
         self.addresses.clear()
         await self._exit.aclose()
 
@@ -172,18 +159,17 @@ async def open_accounts(
     async with AsyncExitStack() as stack:
         store = await open_store(config.store.url)
         stack.push_async_callback(store.close)
-        session = await stack.enter_async_context(
-            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
-        )
-        tasks = Tasks()  # closed first: a refresh stops before the session and store go
+        http = HttpClient()
+        stack.push_async_callback(http.close)
+        tasks = Tasks()  # closed first: a refresh stops before the HTTP client and store go
         stack.push_async_callback(tasks.close)
         cipher = TokenCipher(config.store.keys)
-        grants = {p.name: make_grant(session, p, clock) for p in config.providers}
+        grants = {p.name: make_grant(http, p, clock) for p in config.providers}
         providers = {p.name: p for p in config.providers}
         credentials = CredentialManager(
             store, cipher, grants, providers, Metrics(), clock, tasks, None
         )
-        yield make_account_service(config.providers, store, cipher, session, credentials, clock)
+        yield make_account_service(config.providers, store, cipher, http, credentials, clock)
 
 
 def upstream_pool(cfg: UpstreamConfig) -> UpstreamPool:

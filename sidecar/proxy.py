@@ -18,7 +18,8 @@ from sidecar.credentials import CredentialManager
 from sidecar.errors import CredentialError, ReauthorizationRequired, TokenUnavailable
 from sidecar.http.body import BodyStream
 from sidecar.http.client import RequestBody, UpstreamError, UpstreamPool, UpstreamResponse
-from sidecar.http.server import Headers, Request, Response, error_response
+from sidecar.http.messages import Headers, Request, Response
+from sidecar.http.responses import error_response
 from sidecar.metrics import Metrics
 from sidecar.model import Clock, Token
 
@@ -105,7 +106,9 @@ class UpstreamProxy:
             return await self._forward(request, path, headers, account)
         except CredentialError as exc:
             return self._credential_error(exc)
-        except TimeoutError:
+        except TimeoutError as exc:
+            if isinstance(exc, UpstreamError):  # a connect timeout: nothing was sent
+                return self._error(502, "upstream_unavailable", f"cannot reach the upstream: {exc}")
             return self._error(504, "upstream_timeout", "the upstream did not answer in time")
         except UpstreamError as exc:
             log.warning("upstream_failed", extra={"upstream": self._cfg.name, "error": str(exc)})

@@ -25,6 +25,7 @@ from sidecar import config as config_module
 from sidecar.config import ProviderConfig
 from sidecar.errors import ConfigError, FatalGrantError
 from sidecar.grants import make_grant
+from sidecar.http.client import HttpClient
 from tests.conftest import CLIENT_SECRET, base_config, seed, write_secret
 from tests.fakes import FakeTokenEndpoint, FakeUpstream, ManualClock, oauth_error
 
@@ -169,8 +170,11 @@ def provider_config(secrets_dir: Path, token_url: str, **settings: Any) -> Provi
 
 
 async def fetch(provider: ProviderConfig, clock: ManualClock) -> Any:
-    async with aiohttp.ClientSession() as session:
-        return await make_grant(session, provider, clock).fetch(None)
+    http = HttpClient()
+    try:
+        return await make_grant(http, provider, clock).fetch(None)
+    finally:
+        await http.close()
 
 
 async def test_jwt_bearer_grant_sends_a_verified_assertion(

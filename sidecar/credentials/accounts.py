@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import aiohttp
-
 from sidecar.config import CLIENT_CREDENTIALS_ACCOUNT, ProviderConfig
 from sidecar.credentials.codec import seal, unseal
 from sidecar.credentials.manager import CredentialManager
@@ -36,6 +34,7 @@ from sidecar.errors import (
 from sidecar.grants.authorization_code import AuthorizationCodeGrant
 from sidecar.grants.base import TokenEndpoint
 from sidecar.grants.revocation import Revocation
+from sidecar.http.client import HttpClient
 from sidecar.model import AccountState, Clock, Credential, Token, TokenState, fingerprint
 from sidecar.store import StoredRow, TokenStore
 
@@ -350,12 +349,12 @@ def make_account_service(
     providers: Sequence[ProviderConfig],
     store: TokenStore,
     cipher: TokenCipher,
-    session: aiohttp.ClientSession,
+    http: HttpClient,
     credentials: CredentialManager,
     clock: Clock,
     changed: Callable[[str, str], None] = lambda provider, account: None,
 ) -> AccountService:
-    endpoints = {p.name: TokenEndpoint(session, p, clock) for p in providers}
+    endpoints = {p.name: TokenEndpoint(http, p, clock) for p in providers}
     return AccountService(
         store,
         cipher,
@@ -364,7 +363,7 @@ def make_account_service(
         clock,
         authorizers={name: AuthorizationCodeGrant(e) for name, e in endpoints.items()},
         revokers={
-            p.name: Revocation(session, p, endpoints[p.name]) for p in providers if p.revocation_url
+            p.name: Revocation(http, p, endpoints[p.name]) for p in providers if p.revocation_url
         },
         changed=changed,
     )

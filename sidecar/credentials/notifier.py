@@ -7,19 +7,20 @@ backoff in the background, so a slow receiver never holds up a refresh.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
-import aiohttp
-
 from sidecar.config import NotifyConfig
+from sidecar.http.client import HttpClient, UpstreamError
 from sidecar.tasks import Tasks
 
 log = logging.getLogger(__name__)
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 class Notifier:
-    def __init__(self, session: aiohttp.ClientSession, cfg: NotifyConfig, tasks: Tasks) -> None:
-        self._session, self._cfg, self._tasks = session, cfg, tasks
+    def __init__(self, http: HttpClient, cfg: NotifyConfig, tasks: Tasks) -> None:
+        self._http, self._cfg, self._tasks = http, cfg, tasks
 
     def reauthorization_required(self, provider: str, account: str, reason: str, at: float) -> None:
         event = {
@@ -33,16 +34,16 @@ class Notifier:
 
     async def _deliver(self, event: dict[str, object]) -> None:
         delay = self._cfg.retry_initial_seconds
-        timeout = aiohttp.ClientTimeout(total=self._cfg.timeout_seconds)
+        body = json.dumps(event).encode()
         for attempt in range(1, self._cfg.attempts + 1):
             try:
-                async with self._session.post(
-                    self._cfg.url, json=event, timeout=timeout, allow_redirects=False
-                ) as resp:
-                    if resp.status < 300:
-                        return
-                    problem = f"HTTP {resp.status}"
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                reply = await self._http.post(
+                    self._cfg.url, body, JSON_HEADERS, self._cfg.timeout_seconds
+                )
+                if reply.status < 300:
+                    return
+                problem = f"HTTP {reply.status}"
+            except (UpstreamError, TimeoutError) as exc:
                 problem = type(exc).__name__
             log.warning(
                 "notify_failed",

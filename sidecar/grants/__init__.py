@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import aiohttp
-
 from sidecar.config import ProviderConfig
 from sidecar.grants.assertion import AssertionSigner
 from sidecar.grants.base import Grant, TokenEndpoint
 from sidecar.grants.client_credentials import ClientCredentialsGrant
 from sidecar.grants.jwt_bearer import JwtBearerGrant
 from sidecar.grants.refresh_token import RefreshTokenGrant
+from sidecar.http.client import HttpClient
 from sidecar.model import Clock
 
 __all__ = ["Grant", "TokenEndpoint", "make_grant"]
 
 
-def make_grant(session: aiohttp.ClientSession, provider: ProviderConfig, clock: Clock) -> Grant:
-    endpoint = TokenEndpoint(session, provider, clock)
+def make_grant(http: HttpClient, provider: ProviderConfig, clock: Clock) -> Grant:
+    endpoint = TokenEndpoint(http, provider, clock)
     if provider.grant == "client_credentials":
         return ClientCredentialsGrant(endpoint, provider.scopes)
     if provider.grant == "jwt_bearer":

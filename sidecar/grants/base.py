@@ -13,14 +13,13 @@ import json
 import math
 from collections.abc import Mapping
 from typing import Any, Protocol
-from urllib.parse import quote_plus
-
-import aiohttp
+from urllib.parse import quote_plus, urlencode
 
 from sidecar.config import ProviderConfig, ProviderQuirks
 from sidecar.errors import FatalGrantError, TransientGrantError
 from sidecar.grants.assertion import CLIENT_ASSERTION_TYPE, AssertionSigner
 from sidecar.grants.quirks import STANDARD, oauth_error
+from sidecar.http.client import ConnectFailed, HttpClient, UpstreamError
 from sidecar.model import Clock, Token
 
 # RFC 6749 §5.2 codes that no retry can fix: the grant or the client itself is rejected.
@@ -45,13 +44,10 @@ class Grant(Protocol):
 class TokenEndpoint:
     """POSTs grant parameters with the client's credentials and parses the answer."""
 
-    def __init__(
-        self, session: aiohttp.ClientSession, provider: ProviderConfig, clock: Clock
-    ) -> None:
-        self._session = session
+    def __init__(self, http: HttpClient, provider: ProviderConfig, clock: Clock) -> None:
+        self._http = http
         self._provider = provider
         self._clock = clock
-        self._timeout = aiohttp.ClientTimeout(total=provider.timeout_seconds)
         self._signer = (
             AssertionSigner(provider, clock) if provider.auth_method == "private_key_jwt" else None
         )
@@ -60,29 +56,28 @@ class TokenEndpoint:
         form, headers = self._authenticate(dict(params))
         received_at = self._clock()  # expiry counts from the request, erring early
         try:
-            async with self._session.post(
+            reply = await self._http.post(
                 self._provider.token_url,
-                data=self._fields(form),
-                headers=headers,
-                timeout=self._timeout,
-                allow_redirects=False,
-            ) as resp:
-                body = await resp.read()
-                return classify(resp.status, resp.headers, body, received_at, self._provider.quirks)
-        except aiohttp.ClientConnectorError as exc:
-            raise TransientGrantError(f"cannot connect: {exc.os_error}") from None
-        except (TimeoutError, aiohttp.ServerTimeoutError):
+                urlencode(self._fields(form)).encode("ascii"),
+                headers,
+                self._provider.timeout_seconds,
+            )
+        except ConnectFailed as exc:
+            raise TransientGrantError(str(exc)) from None
+        except TimeoutError:
             # The request may have been processed: the provider may have rotated already.
             raise TransientGrantError("timed out", outcome_unknown=True) from None
-        except aiohttp.ClientError as exc:
-            raise TransientGrantError(
-                f"connection failed: {type(exc).__name__}", outcome_unknown=True
-            ) from None
+        except UpstreamError as exc:
+            raise TransientGrantError(f"connection failed: {exc}", outcome_unknown=True) from None
+        return classify(reply.status, reply.headers, reply.body, received_at, self._provider.quirks)
 
     def _authenticate(self, form: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
         """Client authentication, RFC 6749 §2.3.1."""
         p = self._provider
-        headers = {"Accept": "application/json"}
+        headers = {
+            "Accept": "application/json",
+            "Content-Type": "application/x-www-form-urlencoded",
+        }
         if p.auth_method == "client_secret_basic":
             # The id and secret are form-urlencoded before base64 (§2.3.1).
             pair = f"{quote_plus(p.client_id)}:{quote_plus(p.client_secret or '')}"
@@ -178,5 +173,10 @@ def _seconds(expires_in: object) -> float:
 
 
 def _retry_after(headers: Mapping[str, str]) -> float | None:
-    value = headers.get("Retry-After", "")
+    value = header(headers, "retry-after")
     return float(value) if value.isdigit() else None
+
+
+def header(headers: Mapping[str, str], name: str) -> str:
+    """A header's value by its lower-case name, whatever case the mapping uses ("" if absent)."""
+    return next((v for k, v in headers.items() if k.lower() == name), "")

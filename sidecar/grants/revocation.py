@@ -10,41 +10,34 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from typing import Literal
-
-import aiohttp
+from urllib.parse import urlencode
 
 from sidecar.config import ProviderConfig
 from sidecar.errors import FatalGrantError, TransientGrantError
-from sidecar.grants.base import TokenEndpoint
+from sidecar.grants.base import TokenEndpoint, header
+from sidecar.http.client import HttpClient, UpstreamError
 
 TokenHint = Literal["access_token", "refresh_token"]
 
 
 class Revocation:
-    def __init__(
-        self, session: aiohttp.ClientSession, provider: ProviderConfig, endpoint: TokenEndpoint
-    ) -> None:
+    def __init__(self, http: HttpClient, provider: ProviderConfig, endpoint: TokenEndpoint) -> None:
         if provider.revocation_url is None:
             raise ValueError(f"provider {provider.name!r} has no revocation_url")
-        self._session, self._url, self._endpoint = session, provider.revocation_url, endpoint
-        self._timeout = aiohttp.ClientTimeout(total=provider.timeout_seconds)
+        self._http, self._url, self._endpoint = http, provider.revocation_url, endpoint
+        self._timeout = provider.timeout_seconds
 
     async def revoke(self, token: str, hint: TokenHint) -> bool:
         """True when the token is revoked (or was already invalid); False when the provider
         cannot revoke this kind of token. Raises FatalGrantError or TransientGrantError."""
         # Client authentication exactly as at the token endpoint (§2.1).
         form, headers = self._endpoint._authenticate({"token": token, "token_type_hint": hint})
+        body = urlencode(form).encode("ascii")
         try:
-            async with self._session.post(
-                self._url,
-                data=form,
-                headers=headers,
-                timeout=self._timeout,
-                allow_redirects=False,
-            ) as resp:
-                return classify_revocation(resp.status, resp.headers, await resp.read())
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            reply = await self._http.post(self._url, body, headers, self._timeout)
+        except (TimeoutError, UpstreamError) as exc:
             raise TransientGrantError(f"revocation failed: {type(exc).__name__}") from None
+        return classify_revocation(reply.status, reply.headers, reply.body)
 
 
 def classify_revocation(status: int, headers: Mapping[str, str], body: bytes) -> bool:
@@ -55,7 +48,7 @@ def classify_revocation(status: int, headers: Mapping[str, str], body: bytes) ->
         return False
     if status in (400, 401) and error is not None:
         raise FatalGrantError(error, description)
-    retry_after = headers.get("Retry-After", "")
+    retry_after = header(headers, "retry-after")
     raise TransientGrantError(
         f"revocation endpoint answered HTTP {status}",
         retry_after=float(retry_after) if retry_after.isdigit() else None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import cast
 from urllib.parse import urlsplit
@@ -31,6 +32,14 @@ _FRAMING_NAME_LENGTHS = frozenset({len(b"content-length"), len(b"transfer-encodi
 
 class UpstreamError(Exception):
     """The upstream could not be reached, or broke the connection or the protocol."""
+
+
+class ConnectFailed(UpstreamError):
+    """No connection could be made: the request was never sent."""
+
+
+class ConnectTimeout(ConnectFailed, TimeoutError):
+    """Connecting took longer than the connect timeout: the request was never sent."""
 
 
 class _Stale(UpstreamError):
@@ -160,8 +169,10 @@ class UpstreamPool:
                     ssl=self._ssl,
                     server_hostname=self._host if self._ssl else None,
                 )
+        except TimeoutError:
+            raise ConnectTimeout("cannot connect: timed out") from None
         except OSError as exc:
-            raise UpstreamError(f"cannot connect: {type(exc).__name__}") from exc
+            raise ConnectFailed(f"cannot connect: {type(exc).__name__}") from exc
         return connection
 
     def _give_back(self, connection: _Connection, reusable: bool) -> None:
@@ -181,6 +192,78 @@ class UpstreamPool:
             if not waiter.done():
                 waiter.set_result(None)
                 return
+
+
+MAX_REPLY_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A whole answer from a token, revocation or webhook endpoint."""
+
+    status: int
+    headers: Mapping[str, str]  # names in lower case
+    body: bytes
+
+
+class HttpClient:
+    """Short exchanges with token, revocation and webhook endpoints: one keep-alive pool per origin.
+
+    The sidecar speaks HTTP through one stack: the proxy's. Answers are read whole, up to
+    ``MAX_REPLY_BYTES``; redirects are never followed (a token endpoint that redirects is
+    misconfigured, and following it would send the client's credentials elsewhere).
+    """
+
+    def __init__(self, *, connect_timeout: float = 10.0, max_connections: int = 16) -> None:
+        self._connect_timeout = connect_timeout
+        self._max_connections = max_connections
+        self._pools: dict[str, UpstreamPool] = {}
+
+    async def post(
+        self, url: str, body: bytes, headers: Mapping[str, str], seconds: float
+    ) -> Reply:
+        """POST and read the whole answer, all within ``seconds``.
+
+        Raises ConnectFailed when the request was never sent, TimeoutError or UpstreamError
+        when it may have been.
+        """
+        parts = urlsplit(url)
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        fields = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+        async with asyncio.timeout(seconds):
+            response = await self._pool(parts.scheme, parts.netloc).send(
+                "POST", target.encode("ascii"), fields, body
+            )
+            try:
+                data = await _read_whole(response.body, MAX_REPLY_BYTES)
+            finally:
+                response.release()
+        named = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in response.headers}
+        return Reply(response.status, named, data)
+
+    async def close(self) -> None:
+        for pool in self._pools.values():
+            await pool.close()
+        self._pools.clear()
+
+    def _pool(self, scheme: str, netloc: str) -> UpstreamPool:
+        origin = f"{scheme}://{netloc}"
+        pool = self._pools.get(origin)
+        if pool is None:
+            pool = self._pools[origin] = UpstreamPool(
+                origin,
+                connect_timeout=self._connect_timeout,
+                read_timeout=3600.0,  # the caller's total timeout is what bounds an exchange
+                max_connections=self._max_connections,
+            )
+        return pool
+
+
+async def _read_whole(body: BodyStream, limit: int) -> bytes:
+    data = await body.read_all(limit)
+    if data is None:
+        raise UpstreamError(f"the answer is larger than {limit} bytes")
+    return data
 
 
 class _Connection(asyncio.Protocol):

@@ -1,0 +1,34 @@
+"""What the HTTP layer hands to a handler and takes back from it."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from sidecar.http.body import BodyStream
+
+Headers = list[tuple[bytes, bytes]]
+
+
+@dataclass(slots=True)
+class Request:
+    method: str
+    target: bytes  # the raw request-target, in whatever form the app sent it
+    headers: Headers  # as received, in order, original case
+    body: BodyStream | None  # None when the request has no body at all
+    length: int | None  # Content-Length, when the app sent one
+    keep_alive: bool = True
+    http11: bool = True
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    headers: Headers  # without framing fields: the server writes Content-Length or chunks
+    body: bytes | BodyStream = b""
+    length: int | None = None  # Content-Length to announce (for a HEAD answer, without a body)
+    reason: bytes = b""
+    release: Callable[[], None] | None = field(default=None)  # called once the body is written
+
+
+Handler = Callable[[Request], Awaitable[Response]]
