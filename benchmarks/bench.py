@@ -557,6 +557,7 @@ class Bed:
     run: Path
     upstream: Proc | None = None
     idp: Proc | None = None
+    body_temp: Path | None = None  # the upstream's spool for uploads (removed at the end)
     retry_s: float = 0.0  # time spent re-running noisy measurements (bounded by the budget)
 
     def token_calls(self) -> int:
@@ -714,12 +715,20 @@ def start_fixed(bed: Bed) -> None:
     if not big.exists() or big.stat().st_size != DOWNLOAD_BYTES:
         with open(big, "wb") as f:
             f.write(os.urandom(DOWNLOAD_BYTES))
+    # The upstream spools each 1 GiB upload to a temporary file. On disk, writeback of the last
+    # upload's pages throttles the next one by seconds, and which target comes next is an
+    # accident of the rotation; in RAM (tmpfs) every target meets the same upstream.
+    body_temp = Path("/dev/shm") if Path("/dev/shm").is_dir() else up
+    body_temp = body_temp / f"sidecar-bench-{os.getpid()}"
+    body_temp.mkdir(exist_ok=True)
+    bed.body_temp = body_temp
     conf = render(
         HERE / "upstream" / "nginx.conf.in",
         up / "nginx.conf",
         PORT=UPSTREAM_PORT,
         RUN=up,
         TOKEN=TOKEN,
+        BODY_TEMP=body_temp,
     )
     bed.upstream = Proc(
         ["nginx", "-p", str(up), "-e", str(up / "error.log"), "-c", str(conf)],
@@ -849,6 +858,8 @@ def cmd_run(opts: argparse.Namespace) -> int:
         for p in (bed.idp, bed.upstream):
             if p:
                 p.stop()
+        if bed.body_temp is not None:
+            shutil.rmtree(bed.body_temp, ignore_errors=True)
     text = report.summarize(out / "results.jsonl", meta, [t.name for t in targets])
     (out / "summary.md").write_text(text)
     print(text)
