@@ -6,7 +6,11 @@ reported as counts of accounts by state, never as one series per account.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -15,18 +19,18 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "sidecar_requests",
             "Requests answered, by upstream, method and status class.",
             ["upstream", "method", "status_class"],
-            registry=r,
+            r,
         )
-        self.upstream_latency = Histogram(
+        self.upstream_latency = LoopHistogram(
             "sidecar_upstream_request_duration_seconds",
             "Time from sending a request upstream to receiving its response headers.",
             ["upstream"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            LATENCY_BUCKETS,
+            r,
         )
         self.sidecar_errors = Counter(
             "sidecar_errors",
@@ -93,3 +97,94 @@ class Metrics:
             ["provider", "state"],
             registry=r,
         )
+
+
+# The two metrics every proxied request touches. prometheus_client's children take a lock per
+# update (they may be shared by threads); these are updated by the event loop alone, so a
+# plain add does, and the registry reads them when scraped.
+
+
+class CounterValue:
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class HistogramValue:
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class LoopCounter:
+    """A labelled counter updated only from the event loop (no lock)."""
+
+    def __init__(
+        self, name: str, doc: str, labels: Sequence[str], registry: CollectorRegistry
+    ) -> None:
+        self._name, self._doc, self._labels = name, doc, list(labels)
+        self._children: dict[tuple[str, ...], CounterValue] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> CounterValue:
+        return self._children.setdefault(values, CounterValue())
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self._name, self._doc, labels=self._labels)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labels)
+        for values, child in self._children.items():
+            family.add_metric(list(values), child.value)
+        yield family
+
+
+class LoopHistogram:
+    """A labelled histogram updated only from the event loop (no lock)."""
+
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        labels: Sequence[str],
+        buckets: Sequence[float],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name, self._doc, self._labels = name, doc, list(labels)
+        self._bounds = tuple(float(b) for b in buckets)
+        self._children: dict[tuple[str, ...], HistogramValue] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> HistogramValue:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = HistogramValue(self._bounds)
+        return child
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self._name, self._doc, labels=self._labels)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._doc, labels=self._labels)
+        for values, child in self._children.items():
+            cumulative, buckets = 0, []
+            for bound, count in zip((*self._bounds, float("inf")), child.counts, strict=True):
+                cumulative += count
+                buckets.append((_le(bound), float(cumulative)))
+            family.add_metric(list(values), buckets, child.sum)
+        yield family
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)

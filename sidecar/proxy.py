@@ -20,7 +20,7 @@ from sidecar.http.body import BodyStream
 from sidecar.http.client import RequestBody, UpstreamError, UpstreamPool, UpstreamResponse
 from sidecar.http.messages import Headers, Request, Response
 from sidecar.http.responses import error_response
-from sidecar.metrics import Metrics
+from sidecar.metrics import CounterValue, Metrics
 from sidecar.model import Clock, Token
 
 log = logging.getLogger(__name__)
@@ -70,11 +70,15 @@ class UpstreamProxy:
         self._metrics = metrics
         self._base_path = urlsplit(cfg.target).path.rstrip("/").encode("ascii")
         self._latency = metrics.upstream_latency.labels(cfg.name)
-        self._request_counters: dict[tuple[str, int], object] = {}
+        self._request_counters: dict[tuple[str, int], CounterValue] = {}
         self._replay_limit = cfg.replay_limit_bytes
 
     async def handle(self, request: Request) -> Response:
-        response = await self._handle(request)
+        prepared = self._prepare(request)
+        if isinstance(prepared, Response):
+            response = prepared
+        else:
+            response = await self._forward_or_explain(request, *prepared)
         self._count(request.method, response.status)
         return response
 
@@ -85,9 +89,10 @@ class UpstreamProxy:
             method_label = method if method in _KNOWN_METHODS else "other"
             counter = self._metrics.requests.labels(self._cfg.name, method_label, f"{key[1]}xx")
             self._request_counters[key] = counter
-        counter.inc()  # type: ignore[attr-defined]
+        counter.inc()
 
-    async def _handle(self, request: Request) -> Response:
+    def _prepare(self, request: Request) -> tuple[bytes, Headers, str] | Response:
+        """Where the request goes, what goes with it, and for which account; or why not."""
         if request.method == "CONNECT":
             return self._error(405, "method_not_allowed", "the sidecar does not tunnel CONNECT")
         try:
@@ -102,6 +107,11 @@ class UpstreamProxy:
             return self._error(
                 400, "account_required", f"name the account in the {ACCOUNT_HEADER} header"
             )
+        return path, headers, account
+
+    async def _forward_or_explain(
+        self, request: Request, path: bytes, headers: Headers, account: str
+    ) -> Response:
         try:
             return await self._forward(request, path, headers, account)
         except CredentialError as exc:
@@ -127,7 +137,14 @@ class UpstreamProxy:
         )
         # Retry once, as an explicit bounded loop: the second answer goes back as it is.
         for attempt in range(2):
-            upstream = await self._send(request, path, headers, body, token)
+            if token.expires_at is not None and self._clock() >= token.expires_at:
+                self._expired.inc()  # a bug if it ever happens: the alert watches this
+            auth = (b"Authorization", b"Bearer " + token.access_token.encode("latin-1"))
+            start = time.perf_counter()
+            upstream = await self._pool.send(
+                request.method, path, [*headers, auth], body, request.length
+            )
+            self._latency.observe(time.perf_counter() - start)
             if attempt == 1 or not self._rejects_token(upstream):
                 break
             if not replayable:
@@ -143,19 +160,6 @@ class UpstreamProxy:
             upstream.release()  # the first answer is dropped before the replay
             self._metrics.retries.labels(self._cfg.name, "replayed").inc()
         return relay(upstream)
-
-    async def _send(
-        self, request: Request, path: bytes, headers: Headers, body: RequestBody, token: Token
-    ) -> UpstreamResponse:
-        if token.expires_at is not None and self._clock() >= token.expires_at:
-            self._expired.inc()  # a bug if it ever happens: the alert watches this
-        auth = (b"Authorization", b"Bearer " + token.access_token.encode("latin-1"))
-        start = time.perf_counter()
-        upstream = await self._pool.send(
-            request.method, path, [*headers, auth], body, request.length
-        )
-        self._latency.observe(time.perf_counter() - start)
-        return upstream
 
     def _rejects_token(self, upstream: UpstreamResponse) -> bool:
         """An invalid-token answer (RFC 6750 §3.1), as configured for this upstream."""

@@ -332,6 +332,7 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self._closed = True
+        self._stop_timer()
         if self._transport is not None:
             self._transport.close()
 
@@ -364,9 +365,6 @@ class _Connection(asyncio.Protocol):
             return
         self._in_use = False
         self._pump = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
         reusable = not self._closed and self._parser.should_keep_alive()
         if self._response is not None:
             self._response._connection = None  # its release() must not touch the next request
@@ -374,17 +372,29 @@ class _Connection(asyncio.Protocol):
         self._pool._give_back(self, reusable)
 
     def _check_read_timeout(self) -> None:
-        """One timer per request, re-armed while bytes keep coming (or we stopped reading)."""
+        """The read timeout: one timer per connection, outliving the requests that armed it.
+
+        It re-arms itself while bytes keep coming (or while we stopped reading), and lapses on
+        an idle connection until the next request arms it; a request costs no timer of its own.
+        """
         self._timer = None
-        if self._response_done or self._closed:
+        if self._closed or not self._in_use or self._response_done:
             return
-        idle = self._loop.time() - self._last_read
-        reading_paused = self._response is not None and self._response.body.paused
-        if idle < self._pool.read_timeout or reading_paused:
-            delay = self._pool.read_timeout - (0 if reading_paused else idle)
+        limit = self._pool.read_timeout
+        waited = self._loop.time() - self._last_read
+        holding = not self._request_sent or (
+            self._response is not None and self._response.body.paused
+        )
+        if holding or waited < limit:
+            delay = limit if holding else limit - waited
             self._timer = self._loop.call_later(delay, self._check_read_timeout)
             return
         self._fail(TimeoutError("the upstream did not answer in time"))
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _fail(self, exc: BaseException) -> None:
         self._closed = True
@@ -414,6 +424,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._stop_timer()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
         if self._waiter is not None and not self._waiter.done():

@@ -33,6 +33,8 @@ MAX_HEAD_BYTES = 64 * 1024
 MAX_HEADERS = 128
 KEEPALIVE_SECONDS = 75.0
 NO_BODY_STATUSES = frozenset({204, 304})
+# The fields the server reads itself: content-length, transfer-encoding, expect.
+_SERVER_FIELD_LENGTHS = frozenset({14, 17, 6})
 
 
 class HeadTooLarge(Exception):
@@ -111,19 +113,22 @@ class _Connection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._count_head(len(url))
+        self._head_bytes += len(url)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise HeadTooLarge
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._count_head(len(name) + len(value))
-        if len(self._headers) >= MAX_HEADERS:
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > MAX_HEAD_BYTES or len(self._headers) >= MAX_HEADERS:
             raise HeadTooLarge
-        lower = name.lower()
-        if lower == b"content-length":
-            self._length, self._framed = int(value), True
-        elif lower == b"transfer-encoding":
-            self._framed = True
-        elif lower == b"expect":
-            self._expect_continue = value.lower() == b"100-continue"
+        if len(name) in _SERVER_FIELD_LENGTHS:  # skips lower() for most fields
+            lower = name.lower()
+            if lower == b"content-length":
+                self._length, self._framed = int(value), True
+            elif lower == b"transfer-encoding":
+                self._framed = True
+            elif lower == b"expect":
+                self._expect_continue = value.lower() == b"100-continue"
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -261,11 +266,6 @@ class _Connection(asyncio.Protocol):
             head = _head(response, len(response.body), False, connection)
             self._transport.write(head + response.body)
         self._transport.close()
-
-    def _count_head(self, n: int) -> None:
-        self._head_bytes += n
-        if self._head_bytes > MAX_HEAD_BYTES:
-            raise HeadTooLarge
 
     def _arm_idle_timer(self, delay: float) -> None:
         self._idle_timer = self._loop.call_later(delay, self._check_idle)
