@@ -25,7 +25,7 @@ from sidecar.credentials.refresher import Refresher
 from sidecar.crypto import TokenCipher
 from sidecar.grants import make_grant
 from sidecar.http.client import HttpClient, UpstreamPool
-from sidecar.http.messages import Handler
+from sidecar.http.messages import FastHandler, Handler
 from sidecar.http.server import Server
 from sidecar.metrics import Metrics
 from sidecar.model import Clock, system_clock
@@ -123,10 +123,12 @@ class Sidecar:
         pool = upstream_pool(cfg)
         self._exit.push_async_callback(pool.close)
         proxy = UpstreamProxy(cfg, self.credentials, pool, self.metrics, self.clock)
-        await self._listen(cfg.name, proxy.handle, cfg.host, cfg.port)
+        await self._listen(cfg.name, proxy.handle, cfg.host, cfg.port, proxy.fast)
 
-    async def _listen(self, name: str, handler: Handler, host: str, port: int) -> None:
-        server = Server(handler, asyncio.get_running_loop())
+    async def _listen(
+        self, name: str, handler: Handler, host: str, port: int, fast: FastHandler | None = None
+    ) -> None:
+        server = Server(handler, asyncio.get_running_loop(), fast)
         self._servers.append(server)
         self.addresses[name] = await server.listen(host, port)
         log.info("listening", extra={"listener": name, "port": self.addresses[name][1]})

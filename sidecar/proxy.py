@@ -17,8 +17,15 @@ from sidecar.config import UpstreamConfig
 from sidecar.credentials import CredentialManager
 from sidecar.errors import CredentialError, ReauthorizationRequired, TokenUnavailable
 from sidecar.http.body import BodyStream
-from sidecar.http.client import RequestBody, UpstreamError, UpstreamPool, UpstreamResponse
-from sidecar.http.messages import Headers, Request, Response
+from sidecar.http.client import (
+    IDEMPOTENT,
+    RequestBody,
+    StaleConnection,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+)
+from sidecar.http.messages import Headers, Request, Responder, Response
 from sidecar.http.responses import error_response
 from sidecar.metrics import CounterValue, Metrics
 from sidecar.model import Clock, Token
@@ -109,42 +116,114 @@ class UpstreamProxy:
             )
         return path, headers, account
 
+    def fast(self, request: Request, responder: Responder) -> bool:
+        """Forward without a task when nothing can make the request wait.
+
+        That is a bodiless idempotent request, a FRESH cached token and an idle pooled
+        connection: the answer is written from the upstream connection's I/O callback. Anything
+        else (a refresh, a body, a new connection, an invalid-token answer to replay) goes
+        through ``handle``'s coroutines. The fast path saves a task, a future and a coroutine
+        chain per request, which is most of what the sidecar adds to a request's latency.
+        """
+        if request.method not in IDEMPOTENT:
+            return False
+        prepared = self._prepare(request)
+        if isinstance(prepared, Response):
+            self._count(request.method, prepared.status)
+            responder.deliver(request, prepared)
+            return True
+        path, headers, account = prepared
+        token = self._credentials.fresh(self._cfg.provider, account)
+        connection = self._pool.reuse() if token is not None else None
+        if token is None or connection is None:
+            return False
+        auth = (b"Authorization", b"Bearer " + token.access_token.encode("latin-1"))
+        head = self._pool.head(request.method, path, [*headers, auth], None, None)
+        start = time.perf_counter()
+
+        def answered(upstream: UpstreamResponse | None, error: BaseException | None) -> None:
+            if upstream is None:
+                if isinstance(error, StaleConnection):  # nothing came back: send it again
+                    responder.serve(request, self.handle(request))
+                    return
+                assert error is not None
+                response = self._explain(error)
+            else:
+                self._latency.observe(time.perf_counter() - start)
+                if self._rejects_token(upstream):
+                    first = (token, upstream)
+                    answer = self._forward_and_count(request, path, headers, account, first)
+                    responder.serve(request, answer)
+                    return
+                response = relay(upstream)
+            self._count(request.method, response.status)
+            responder.deliver(request, response)
+
+        connection.start(request.method, head, answered)
+        return True
+
+    async def _forward_and_count(
+        self,
+        request: Request,
+        path: bytes,
+        headers: Headers,
+        account: str,
+        first: tuple[Token, UpstreamResponse],
+    ) -> Response:
+        response = await self._forward_or_explain(request, path, headers, account, first)
+        self._count(request.method, response.status)
+        return response
+
     async def _forward_or_explain(
-        self, request: Request, path: bytes, headers: Headers, account: str
+        self,
+        request: Request,
+        path: bytes,
+        headers: Headers,
+        account: str,
+        first: tuple[Token, UpstreamResponse] | None = None,
     ) -> Response:
         try:
-            return await self._forward(request, path, headers, account)
-        except CredentialError as exc:
+            return await self._forward(request, path, headers, account, first)
+        except (CredentialError, TimeoutError, UpstreamError) as exc:
+            return self._explain(exc)
+
+    def _explain(self, exc: BaseException) -> Response:
+        """The sidecar's own answer for a failure to forward."""
+        if isinstance(exc, CredentialError):
             return self._credential_error(exc)
-        except TimeoutError as exc:
-            if isinstance(exc, UpstreamError):  # a connect timeout: nothing was sent
-                return self._error(502, "upstream_unavailable", f"cannot reach the upstream: {exc}")
+        if isinstance(exc, TimeoutError) and not isinstance(exc, UpstreamError):
             return self._error(504, "upstream_timeout", "the upstream did not answer in time")
-        except UpstreamError as exc:
+        if isinstance(exc, UpstreamError):  # a connect timeout too: nothing was sent
             log.warning("upstream_failed", extra={"upstream": self._cfg.name, "error": str(exc)})
             return self._error(502, "upstream_unavailable", f"cannot reach the upstream: {exc}")
+        raise exc
 
     async def _forward(
-        self, request: Request, path: bytes, headers: Headers, account: str
+        self,
+        request: Request,
+        path: bytes,
+        headers: Headers,
+        account: str,
+        first: tuple[Token, UpstreamResponse] | None = None,
     ) -> Response:
+        """Send (unless ``first`` holds the token sent and its answer already), retry once."""
         provider = self._cfg.provider
         body: RequestBody = None
         replayable = True
         if request.body is not None:
             body, replayable = await read_body(request.body, request.length, self._replay_limit)
-        token = self._credentials.fresh(provider, account) or await self._credentials.current(
-            provider, account
-        )
+        if first is None:
+            token = self._credentials.fresh(provider, account) or await self._credentials.current(
+                provider, account
+            )
+        else:
+            token = first[0]
         # Retry once, as an explicit bounded loop: the second answer goes back as it is.
         for attempt in range(2):
-            if token.expires_at is not None and self._clock() >= token.expires_at:
-                self._expired.inc()  # a bug if it ever happens: the alert watches this
-            auth = (b"Authorization", b"Bearer " + token.access_token.encode("latin-1"))
-            start = time.perf_counter()
-            upstream = await self._pool.send(
-                request.method, path, [*headers, auth], body, request.length
-            )
-            self._latency.observe(time.perf_counter() - start)
+            if attempt == 0 and first is not None:
+                upstream = first[1]
+            else:
+                upstream = await self._send(request, path, headers, body, token)
             if attempt == 1 or not self._rejects_token(upstream):
                 break
             if not replayable:
@@ -160,6 +239,19 @@ class UpstreamProxy:
             upstream.release()  # the first answer is dropped before the replay
             self._metrics.retries.labels(self._cfg.name, "replayed").inc()
         return relay(upstream)
+
+    async def _send(
+        self, request: Request, path: bytes, headers: Headers, body: RequestBody, token: Token
+    ) -> UpstreamResponse:
+        if token.expires_at is not None and self._clock() >= token.expires_at:
+            self._expired.inc()  # a bug if it ever happens: the alert watches this
+        auth = (b"Authorization", b"Bearer " + token.access_token.encode("latin-1"))
+        start = time.perf_counter()
+        upstream = await self._pool.send(
+            request.method, path, [*headers, auth], body, request.length
+        )
+        self._latency.observe(time.perf_counter() - start)
+        return upstream
 
     def _rejects_token(self, upstream: UpstreamResponse) -> bool:
         """An invalid-token answer (RFC 6750 §3.1), as configured for this upstream."""

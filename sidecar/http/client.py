@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import cast
 from urllib.parse import urlsplit
@@ -23,6 +23,7 @@ from sidecar.http.body import BodyStream
 
 Headers = list[tuple[bytes, bytes]]
 RequestBody = bytes | BodyStream | None
+Answered = Callable[["UpstreamResponse | None", "BaseException | None"], None]
 
 
 # RFC 9110 §9.2.2: a request that may have reached a dying connection can be sent again.
@@ -42,8 +43,9 @@ class ConnectTimeout(ConnectFailed, TimeoutError):
     """Connecting took longer than the connect timeout: the request was never sent."""
 
 
-class _Stale(UpstreamError):
-    """A reused connection closed before any byte of the answer: safe to try a new one."""
+class StaleConnection(UpstreamError):
+    """A reused connection closed before any byte of the answer: an idempotent request can
+    be sent again on a new one."""
 
 
 @dataclass(slots=True)
@@ -96,12 +98,12 @@ class UpstreamPool:
 
         ``length`` is the size of a streamed body, when known; without it the body is chunked.
         """
-        head = self._head(method, target, headers, body, length)
+        head = self.head(method, target, headers, body, length)
         for attempt in range(2):
-            connection = self._reuse() or await self._acquire()
+            connection = self.reuse() or await self._acquire()
             try:
                 return await connection.exchange(method, head, body, length is None)
-            except _Stale:
+            except StaleConnection:
                 if attempt or isinstance(body, BodyStream) or method not in IDEMPOTENT:
                     raise
         raise AssertionError("unreachable")
@@ -111,9 +113,10 @@ class UpstreamPool:
             connection.close()
         self._idle.clear()
 
-    def _head(
+    def head(
         self, method: str, target: bytes, headers: Headers, body: RequestBody, length: int | None
     ) -> bytes:
+        """The request head as it goes on the wire, with Host and the framing fields."""
         lines = [b"%s %s HTTP/1.1\r\n" % (method.encode("ascii"), target), self._host_line]
         lines.extend(b"%s: %s\r\n" % pair for pair in headers)
         if isinstance(body, bytes):
@@ -125,7 +128,7 @@ class UpstreamPool:
         lines.append(b"\r\n")
         return b"".join(lines)
 
-    def _reuse(self) -> _Connection | None:
+    def reuse(self) -> _Connection | None:
         """An idle keep-alive connection, when one is free and a slot too (no waiting)."""
         while self._idle and self._busy < self._limit:
             connection = self._idle.pop()
@@ -148,7 +151,7 @@ class UpstreamPool:
                 elif not waiter.cancelled():
                     self._wake_one()  # the slot we were handed goes to the next in line
                 raise
-        connection = self._reuse()
+        connection = self.reuse()
         if connection is not None:
             return connection
         self._busy += 1
@@ -278,6 +281,8 @@ class _Connection(asyncio.Protocol):
         self._used = False  # has carried a request before
         self._in_use = False
         self._waiter: asyncio.Future[UpstreamResponse] | None = None
+        self._callback: Answered | None = None  # instead of the waiter, for start()
+        self._answered: UpstreamResponse | None = None  # head arrived, callback not yet run
         self._response: UpstreamResponse | None = None
         self._head_only = False  # the request was HEAD: the answer has no body
         self._reason = b""
@@ -316,9 +321,24 @@ class _Connection(asyncio.Protocol):
             return await self._waiter
         except BaseException as exc:
             self.abandon()
-            if isinstance(exc, _Stale) and not reused:
+            if isinstance(exc, StaleConnection) and not reused:
                 raise UpstreamError("the upstream closed the connection") from None
             raise
+
+    def start(self, method: str, head: bytes, answered: Answered) -> None:
+        """Send a bodiless request on a reused connection; ``answered`` gets the answer's
+        head (with whatever body came with it) or the error, from the loop's I/O callbacks.
+
+        A StaleConnection error means nothing of the answer came: the request may be sent
+        again if it is idempotent.
+        """
+        assert self._transport is not None
+        self._used = self._in_use = True
+        self._callback = answered
+        self._head_only = method == "HEAD"
+        self._response_done = self._got_bytes = False
+        self._transport.write(head)
+        self._sent()
 
     def abandon(self) -> None:
         """The caller is done: reuse the connection if both messages are complete, else close."""
@@ -398,12 +418,21 @@ class _Connection(asyncio.Protocol):
 
     def _fail(self, exc: BaseException) -> None:
         self._closed = True
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_exception(exc)
-        elif self._response is not None:
+        if self._response is not None:
             self._response.body.set_exception(exc)
+        else:
+            self._head_failed(exc)
         if self._transport is not None:
             self._transport.abort()
+
+    def _head_failed(self, exc: BaseException) -> None:
+        """No answer will come: tell whoever waits for its head."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(exc)  # exchange() abandons the connection
+        elif self._callback is not None:
+            answered, self._callback = self._callback, None
+            self.abandon()
+            answered(None, exc)
 
     async def _wait_drained(self) -> None:
         self._drain = self._loop.create_future()
@@ -421,15 +450,20 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(f"malformed answer: {exc}"))
+        if self._answered is not None:  # after the feed, so a short body is complete already
+            response, self._answered = self._answered, None
+            answered, self._callback = self._callback, None
+            assert answered is not None
+            answered(response, None)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
         self._stop_timer()
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
-        if self._waiter is not None and not self._waiter.done():
-            stale = _Stale if not self._got_bytes else UpstreamError
-            self._waiter.set_exception(stale("the upstream closed the connection"))
+        if self._response is None and (self._waiter is not None or self._callback is not None):
+            stale = StaleConnection if not self._got_bytes else UpstreamError
+            self._head_failed(stale("the upstream closed the connection"))
         elif self._response is not None and not self._response_done:
             if self._until_close:
                 self._complete()  # the close is the end of this body
@@ -476,6 +510,8 @@ class _Connection(asyncio.Protocol):
         )
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(self._response)
+        elif self._callback is not None:
+            self._answered = self._response
         self._waiter = None
         if status in (204, 304):
             self._until_close = False  # no body, whatever the headers say (llhttp agrees)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from sidecar.http.body import BodyStream
 
@@ -32,3 +33,17 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Responder(Protocol):
+    """How a fast handler answers a request it took."""
+
+    def deliver(self, request: Request, response: Response) -> None:
+        """Write the answer (at once when complete, from a task while it streams)."""
+
+    def serve(self, request: Request, answer: Awaitable[Response]) -> None:
+        """Answer with what the coroutine produces, in a task."""
+
+
+# Tries to answer a bodiless request without a task; False leaves it to the Handler.
+FastHandler = Callable[[Request, Responder], bool]

@@ -18,13 +18,14 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Awaitable
 from http import HTTPStatus
 from typing import cast
 
 import httptools
 
 from sidecar.http.body import BodyStream
-from sidecar.http.messages import Handler, Headers, Request, Response
+from sidecar.http.messages import FastHandler, Handler, Headers, Request, Response
 from sidecar.http.responses import error_response
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ class _Connection(asyncio.Protocol):
         self._expect_continue = False
         self._request: Request | None = None  # the one being parsed
         self._pipeline: deque[Request] = deque()  # parsed, waiting for their turn
+        self._busy = False  # a request is being answered (by a task, or by the fast path)
         self._task: asyncio.Task[None] | None = None
         self._upgraded = False  # no more HTTP on this connection after the current request
         self._closing = False
@@ -144,7 +146,7 @@ class _Connection(asyncio.Protocol):
             self._parser.get_http_version() == "1.1",
         )
         self._request = request
-        if self._task is None:
+        if not self._busy:
             self._start(request)
         else:
             self._pipeline.append(request)
@@ -164,7 +166,7 @@ class _Connection(asyncio.Protocol):
     def shutdown(self) -> None:
         """Finish the request in flight (answered with ``Connection: close``), then close."""
         self._closing = True
-        if self._task is None and self._transport is not None:
+        if not self._busy and self._transport is not None:
             self._transport.close()
 
     def abort(self) -> None:
@@ -175,18 +177,49 @@ class _Connection(asyncio.Protocol):
 
     def _start(self, request: Request) -> None:
         assert self._transport is not None
+        self._busy = True
         if self._expect_continue and request.body is not None and not request.body.complete:
             self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        self._task = self._loop.create_task(self._serve(request), name="request")
+        fast = self._server.fast
+        if fast is not None and request.body is None and fast(request, self):
+            return  # answered through deliver() or serve() later
+        self.serve(request, self._server.handler(request))
 
-    async def _serve(self, request: Request) -> None:
+    # Responder: how a fast handler answers
+
+    def deliver(self, request: Request, response: Response) -> None:
+        """Write an answer: at once when it is complete, from a task while it streams."""
+        body = response.body
+        if isinstance(body, BodyStream) and not body.complete:
+            self._task = self._loop.create_task(self._answer(request, response), name="answer")
+            return
         try:
-            response = await self._server.handler(request)
+            keep_alive = self._write_complete(request, response)
+        finally:
+            if response.release is not None:
+                response.release()
+        self._finish(keep_alive)
+
+    def serve(self, request: Request, answer: Awaitable[Response]) -> None:
+        """Answer with what ``answer`` produces, in a task."""
+        self._task = self._loop.create_task(self._serve(request, answer), name="request")
+
+    async def _serve(self, request: Request, answer: Awaitable[Response]) -> None:
+        try:
+            response = await answer
         except Exception:
             log.exception("handler_failed")
             response = error_response(500, "internal_error", "the sidecar failed on this request")
+        await self._answer(request, response)
+
+    async def _answer(self, request: Request, response: Response) -> None:
         try:
             keep_alive = await self._write(request, response)
+        except Exception as exc:  # the upstream broke off mid-body: so must the app's answer
+            log.warning("answer_cut_short", extra={"error": type(exc).__name__})
+            keep_alive = False
+            if self._transport is not None:
+                self._transport.abort()
         finally:
             if response.release is not None:
                 response.release()
@@ -196,6 +229,7 @@ class _Connection(asyncio.Protocol):
     def _finish(self, keep_alive: bool) -> None:
         transport = self._transport
         assert transport is not None
+        self._busy = False
         if not keep_alive or self._closing or transport.is_closing():
             transport.close()
         elif self._pipeline:
@@ -204,9 +238,27 @@ class _Connection(asyncio.Protocol):
         else:
             self._idle_since = self._loop.time()
 
+    def _write_complete(self, request: Request, response: Response) -> bool:
+        """Write an answer whose body is all here; True when the connection stays open."""
+        head, body, keep_alive, _ = self._frame(request, response)
+        assert self._transport is not None and isinstance(body, bytes)
+        self._transport.write(head + body if body else head)
+        return keep_alive
+
     async def _write(self, request: Request, response: Response) -> bool:
         """Write the answer; True when the connection can carry another request."""
+        head, body, keep_alive, chunked = self._frame(request, response)
         assert self._transport is not None
+        if isinstance(body, bytes):
+            self._transport.write(head + body if body else head)
+        else:
+            await self._stream(head, body, chunked)
+        return keep_alive
+
+    def _frame(
+        self, request: Request, response: Response
+    ) -> tuple[bytes, bytes | BodyStream, bool, bool]:
+        """The head, the body to write (b"" when none may go), keep-alive, and chunking."""
         body = response.body
         if isinstance(body, BodyStream) and body.complete:
             body = body.take()  # all of it is here already: one write, with its length
@@ -224,13 +276,7 @@ class _Connection(asyncio.Protocol):
         )
         chunked = chunked and keep_alive
         head = _head(response, length, chunked, _connection_field(request, keep_alive))
-        if not has_body:
-            self._transport.write(head)
-        elif isinstance(body, bytes):
-            self._transport.write(head + body)
-        else:
-            await self._stream(head, body, chunked)
-        return keep_alive
+        return head, body if has_body else b"", keep_alive, chunked
 
     async def _stream(self, head: bytes, body: BodyStream, chunked: bool) -> None:
         transport = self._transport
@@ -259,7 +305,7 @@ class _Connection(asyncio.Protocol):
     def _reject(self, status: int, code: str, message: str) -> None:
         """Answer a request that cannot be parsed, and close: the stream cannot be resynced."""
         assert self._transport is not None
-        if self._task is None:
+        if not self._busy:
             response = error_response(status, code, message)
             assert isinstance(response.body, bytes)
             connection = b"Connection: close\r\n"
@@ -273,7 +319,7 @@ class _Connection(asyncio.Protocol):
     def _check_idle(self) -> None:
         """Close a connection that carried no request for KEEPALIVE_SECONDS (one timer each)."""
         idle_for = self._loop.time() - self._idle_since
-        if self._task is None and idle_for >= KEEPALIVE_SECONDS and self._transport is not None:
+        if not self._busy and idle_for >= KEEPALIVE_SECONDS and self._transport is not None:
             self._transport.close()
         else:
             self._arm_idle_timer(max(KEEPALIVE_SECONDS - idle_for, 1.0))
@@ -317,8 +363,11 @@ def _chunk(data: bytes) -> bytes:
 class Server:
     """The listening socket and its connections; closes them gracefully on ``close``."""
 
-    def __init__(self, handler: Handler, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, handler: Handler, loop: asyncio.AbstractEventLoop, fast: FastHandler | None = None
+    ) -> None:
         self.handler = handler
+        self.fast = fast
         self.loop = loop
         self.connections: set[_Connection] = set()
         self.all_closed = asyncio.Event()
