@@ -57,6 +57,7 @@ REQUEST_DROP = HOP_BY_HOP | {
     b"content-length",
 }
 RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
+_RESPONSE_DROP_LENGTHS = frozenset(len(name) for name in RESPONSE_DROP)
 ENCODED_DOTS = frozenset({"%2e", "%2e%2e", ".%2e", "%2e."})
 
 
@@ -362,6 +363,9 @@ def response_headers(incoming: Headers) -> Headers:
     kept: Headers = []
     connection = None
     for name, value in incoming:
+        if len(name) not in _RESPONSE_DROP_LENGTHS:  # Date, Server, Content-Type...: kept as is
+            kept.append((name, value))
+            continue
         lower = name.lower()
         if lower not in RESPONSE_DROP:
             kept.append((name, value))

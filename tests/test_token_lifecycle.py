@@ -113,6 +113,29 @@ async def test_401_refreshes_once_and_replays_with_body(
     assert sample(sidecar, "sidecar_retries_total", upstream="api", outcome="replayed") == 1
 
 
+@pytest.mark.parametrize("warm", [False, True], ids=["new-connection", "pooled-connection"])
+async def test_401_on_a_get_refreshes_once_and_replays(
+    make_sidecar, idp, api, clock, client, warm: bool
+) -> None:
+    """Both ways a GET is forwarded: from a coroutine on a new upstream connection, and from
+    the I/O callbacks of a pooled one (the fast path), which hands the 401 to the coroutine."""
+    sidecar = await make_sidecar()
+    token = await seed(sidecar, idp, api, clock)
+    if warm:
+        assert (await get(client, sidecar.url("api") + "/warm"))[0] == 200
+    api.valid.discard(token.access_token)  # revoked upstream, unexpired by our clock
+    api.valid.add("access-2")
+    requests = [get(client, sidecar.url("api") + "/x") for _ in range(5)]
+    answers = await asyncio.gather(*requests)
+    assert [(status, body["token"]) for status, _, body in answers] == [(200, "access-2")] * 5
+    assert idp.calls == 1
+    assert api.seen_auth.count("Bearer access-2") == 5
+    assert (
+        sample(sidecar, "sidecar_requests_total", upstream="api", method="GET", status_class="2xx")
+        == 5 + warm
+    )
+
+
 async def test_second_invalid_token_answer_goes_back_unchanged(
     make_sidecar, idp, api, clock, client
 ) -> None:

@@ -118,7 +118,7 @@ class UpstreamPool:
     ) -> bytes:
         """The request head as it goes on the wire, with Host and the framing fields."""
         lines = [b"%s %s HTTP/1.1\r\n" % (method.encode("ascii"), target), self._host_line]
-        lines.extend(b"%s: %s\r\n" % pair for pair in headers)
+        lines += [b"%s: %s\r\n" % pair for pair in headers]
         if isinstance(body, bytes):
             lines.append(b"Content-Length: %d\r\n" % len(body))
         elif body is not None and length is not None:

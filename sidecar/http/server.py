@@ -332,7 +332,7 @@ def _may_have_body(status: int) -> bool:
 def _head(response: Response, length: int | None, chunked: bool, connection: bytes) -> bytes:
     reason = response.reason or _reason(response.status)
     lines = [b"HTTP/1.1 %d %s\r\n" % (response.status, reason)]
-    lines.extend(b"%s: %s\r\n" % pair for pair in response.headers)
+    lines += [b"%s: %s\r\n" % pair for pair in response.headers]
     if length is not None:
         lines.append(b"Content-Length: %d\r\n" % length)
     elif chunked:
