@@ -113,6 +113,7 @@ async def make_sidecar(
             provider=overrides.get("provider"),
             upstream=overrides.get("upstream"),
         )
+        raw["store"].update(overrides.get("store", {}))
         raw["sidecar"].update(overrides.get("sidecar", {}))
         raw["admin"].update(overrides.get("admin", {}))
         if "notify" in overrides:
