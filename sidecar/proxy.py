@@ -81,12 +81,16 @@ class UpstreamProxy:
         self._request_counters: dict[tuple[str, int], CounterValue] = {}
         self._replay_limit = cfg.replay_limit_bytes
 
-    async def handle(self, request: Request) -> Response:
+    async def handle(
+        self, request: Request, first: tuple[Token, UpstreamResponse] | None = None
+    ) -> Response:
+        """Answer one request. ``first``: the token already sent and its answer, when the fast
+        path hands over an invalid-token answer to refresh and replay."""
         prepared = self._prepare(request)
         if isinstance(prepared, Response):
             response = prepared
         else:
-            response = await self._forward_or_explain(request, *prepared)
+            response = await self._forward_or_explain(request, *prepared, first)
         self._count(request.method, response.status)
         return response
 
@@ -152,9 +156,7 @@ class UpstreamProxy:
             else:
                 self._latency.observe(time.perf_counter() - start)
                 if self._rejects_token(upstream):
-                    first = (token, upstream)
-                    answer = self._forward_and_count(request, path, headers, account, first)
-                    responder.serve(request, answer)
+                    responder.serve(request, self.handle(request, first=(token, upstream)))
                     return
                 response = relay(upstream)
             self._count(request.method, response.status)
@@ -162,18 +164,6 @@ class UpstreamProxy:
 
         connection.start(request.method, head, answered)
         return True
-
-    async def _forward_and_count(
-        self,
-        request: Request,
-        path: bytes,
-        headers: Headers,
-        account: str,
-        first: tuple[Token, UpstreamResponse],
-    ) -> Response:
-        response = await self._forward_or_explain(request, path, headers, account, first)
-        self._count(request.method, response.status)
-        return response
 
     async def _forward_or_explain(
         self,
