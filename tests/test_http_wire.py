@@ -267,3 +267,19 @@ async def test_upgrade_request_is_answered_then_closed(make_sidecar, idp, api, c
     assert json.loads(body)["path"] == "/x"
     headers = {k.lower() for k in api.seen[0]["headers"]}  # type: ignore[attr-defined]
     assert "upgrade" not in headers and "http2-settings" not in headers
+
+
+async def test_upgrade_request_answered_by_the_sidecar_itself_is_closed_too(
+    make_sidecar, idp, api, clock
+) -> None:
+    sidecar = await make_sidecar()
+    await seed(sidecar, idp, api, clock)
+    data = await exchange(  # reads until the sidecar closes: a hang would time out
+        sidecar.addresses["api"][1],
+        b"GET /a/%2e%2e/x HTTP/1.1\r\nHost: x\r\n"
+        b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert json.loads(body)["error"] == "invalid_path"
+    assert api.calls == 0

@@ -81,6 +81,8 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             self._upgraded = True  # CONNECT or Upgrade: answer this request, then close
+            if not self._busy and self._transport is not None:
+                self._transport.close()  # it was answered already, from the fast path
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, HeadTooLarge):
                 self._reject(431, "headers_too_large", "the request head is too large")
