@@ -276,8 +276,7 @@ async def test_upgrade_request_answered_by_the_sidecar_itself_is_closed_too(
     await seed(sidecar, idp, api, clock)
     data = await exchange(  # reads until the sidecar closes: a hang would time out
         sidecar.addresses["api"][1],
-        b"GET /a/%2e%2e/x HTTP/1.1\r\nHost: x\r\n"
-        b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"GET /a/%2e%2e/x HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
     )
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 ")
