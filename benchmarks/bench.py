@@ -921,6 +921,8 @@ def cmd_profile(opts: argparse.Namespace) -> int:
         for p in (bed.idp, bed.upstream):
             if p:
                 p.stop()
+        if bed.body_temp is not None:
+            shutil.rmtree(bed.body_temp, ignore_errors=True)
     print(report.profile_summary(out / "pyspy.txt", opts.top))
     log(f"raw stacks: {out / 'pyspy.txt'} (flamegraph.pl or speedscope can draw them)")
     return 0
