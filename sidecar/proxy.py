@@ -90,7 +90,10 @@ class UpstreamProxy:
         if isinstance(prepared, Response):
             response = prepared
         else:
-            response = await self._forward_or_explain(request, *prepared, first)
+            try:
+                response = await self._forward(request, *prepared, first)
+            except (CredentialError, TimeoutError, UpstreamError) as exc:
+                response = self._explain(exc)
         self._count(request.method, response.status)
         return response
 
@@ -164,19 +167,6 @@ class UpstreamProxy:
 
         connection.start(request.method, head, answered)
         return True
-
-    async def _forward_or_explain(
-        self,
-        request: Request,
-        path: bytes,
-        headers: Headers,
-        account: str,
-        first: tuple[Token, UpstreamResponse] | None = None,
-    ) -> Response:
-        try:
-            return await self._forward(request, path, headers, account, first)
-        except (CredentialError, TimeoutError, UpstreamError) as exc:
-            return self._explain(exc)
 
     def _explain(self, exc: BaseException) -> Response:
         """The sidecar's own answer for a failure to forward."""
