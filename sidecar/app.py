@@ -26,7 +26,7 @@ from sidecar.crypto import TokenCipher
 from sidecar.grants import make_grant
 from sidecar.http.client import HttpClient, UpstreamPool
 from sidecar.http.messages import FastHandler, Handler
-from sidecar.http.server import Server
+from sidecar.http.server import Limits, Server
 from sidecar.metrics import Metrics
 from sidecar.model import Clock, system_clock
 from sidecar.proxy import UpstreamProxy
@@ -123,12 +123,19 @@ class Sidecar:
         pool = upstream_pool(cfg)
         self._exit.push_async_callback(pool.close)
         proxy = UpstreamProxy(cfg, self.credentials, pool, self.metrics, self.clock)
-        await self._listen(cfg.name, proxy.handle, cfg.host, cfg.port, proxy.fast)
+        limits = Limits(cfg.client_header_timeout_seconds, cfg.client_body_timeout_seconds)
+        await self._listen(cfg.name, proxy.handle, cfg.host, cfg.port, proxy.fast, limits)
 
     async def _listen(
-        self, name: str, handler: Handler, host: str, port: int, fast: FastHandler | None = None
+        self,
+        name: str,
+        handler: Handler,
+        host: str,
+        port: int,
+        fast: FastHandler | None = None,
+        limits: Limits | None = None,
     ) -> None:
-        server = Server(handler, asyncio.get_running_loop(), fast)
+        server = Server(handler, asyncio.get_running_loop(), fast, limits)
         self._servers.append(server)
         self.addresses[name] = await server.listen(host, port)
         log.info("listening", extra={"listener": name, "port": self.addresses[name][1]})
@@ -181,6 +188,7 @@ def upstream_pool(cfg: UpstreamConfig) -> UpstreamPool:
         connect_timeout=cfg.connect_timeout_seconds,
         read_timeout=cfg.read_timeout_seconds,
         max_connections=cfg.max_connections,
+        pool_wait=cfg.pool_wait_seconds,
     )
 
 
