@@ -4,18 +4,14 @@ Every request an app makes passes through here, so this layer does only what a f
 proxy needs: parse a request, hand it to one handler, write the handler's answer with the
 right framing, keep the connection alive. The admin listener runs on it too, with a route table.
 
-A connection's life is two explicit states (h11's ``_state.py`` is the model). Reading: IDLE
-(between requests) -> HEAD -> BODY -> IDLE, or CLOSED once no further request may be read (a
-framing error, an ``Upgrade`` or ``CONNECT``, ``Connection: close``, shutdown). Writing: IDLE
--> ANSWERING -> IDLE. Requests parsed while another is answered wait in order (pipelining).
-
-RFC 9112's framing rules are applied strictly, and what is ambiguous is refused with a JSON
-error and a close, as nginx does: anything llhttp rejects (CL with TE, differing lengths, bad
-chunks, bare CR or LF, obs-fold), Transfer-Encoding in an HTTP/1.0 request (§6.1), a missing or
-repeated Host (§3.2). A request that was parsed before the bad bytes still gets its answer
-first. Trailer fields are read and dropped: they never change the request's head. Limits hold
-for every byte read: a head over ``MAX_HEAD_BYTES`` gets 431 even while its last field is
-incomplete, a head or a body that stops arriving gets 408 after its timeout.
+A connection's life is two explicit states (h11's ``_state.py`` is the model). Reading (see
+``reader.py``): IDLE -> HEAD -> BODY -> IDLE, or CLOSED once no further request may be read (a
+refusal, an ``Upgrade`` or ``CONNECT``, ``Connection: close``, shutdown). Writing: IDLE ->
+ANSWERING -> IDLE, or CLOSED. Requests parsed while another is answered wait in order
+(pipelining), and are dispatched only after a whole read was parsed: a request whose bytes
+turn out malformed is refused (a JSON error, then close), never half started. One that was
+parsed before the bad bytes still gets its answer first, as with nginx. A head or a body that
+stops arriving gets 408 after its timeout.
 """
 
 from __future__ import annotations
@@ -33,15 +29,11 @@ import httptools
 
 from sidecar.http import wire
 from sidecar.http.body import BodyStream
-from sidecar.http.messages import FastHandler, Handler, Headers, Request, RequestError, Response
+from sidecar.http.messages import FastHandler, Handler, Request, RequestError, Response
+from sidecar.http.reader import Reading, Refused, RequestReader
 from sidecar.http.responses import error_response
 
 log = logging.getLogger(__name__)
-
-MAX_HEAD_BYTES = 64 * 1024
-MAX_HEADERS = 128
-# The fields the server reads itself: content-length, transfer-encoding, expect, host.
-_SERVER_FIELD_LENGTHS = frozenset({14, 17, 6, 4})
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,21 +41,6 @@ class Limits:
     header_timeout: float = 60.0  # to send a whole request head
     body_timeout: float = 60.0  # between two reads of a request body (nginx's meaning)
     keepalive: float = 75.0  # an idle connection is closed after this
-
-
-class _Refused(Exception):
-    """A request the server refuses before any handler sees it."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code = status, code
-
-
-class Reading(enum.Enum):
-    IDLE = "idle"  # between requests: the next byte begins one
-    HEAD = "head"  # a request head is arriving
-    BODY = "body"  # its body is arriving
-    CLOSED = "closed"  # no further request is read from this connection
 
 
 class Writing(enum.Enum):
@@ -79,182 +56,69 @@ class _Connection(asyncio.Protocol):
         self._server = server
         self._loop = server.loop
         self._limits = server.limits
-        self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
-        self._reading = Reading.IDLE
+        self._reader: RequestReader
         self._writing = Writing.IDLE
-        self._url = b""
-        self._headers: Headers = []
-        self._field_bytes = 0  # of complete fields (and the target) in this head
-        self._head_bytes = 0  # read while this head was incomplete
-        self._stuck_bytes = 0  # read in BODY with no progress (a trailer field growing)
-        self._progress = False  # the current feed moved the body along
-        self._begun = 0  # requests begun in the current feed
-        self._length: int | None = None
-        self._framed = False  # Content-Length or Transfer-Encoding seen
-        self._chunked = False
-        self._hosts = 0
-        self._expect_continue = False  # of the head being parsed
-        self._request: Request | None = None  # the one whose body is being read
         self._held = False  # reading paused while parsed requests wait their turn
         self._queue: deque[Request] = deque()  # parsed, waiting for their turn
         self._current: Request | None = None  # being answered
         self._refusal: Response | None = None  # written once the queue is answered; then close
         self._dispatching = False
         self._task: asyncio.Task[None] | None = None
-        self._write_paused = False
-        self._drain: asyncio.Future[None] | None = None
-        self._since = self._loop.time()  # idle since, head begun at, or last body read
+        self._writer: wire.AnswerWriter
+        self._idle_since = self._loop.time()
         self._timer: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+        self._writer = wire.AnswerWriter(self._transport, self._loop)
+        self._reader = RequestReader(self._transport, self._loop, self._queue.append)
         self._server.connections.add(self)
         self._arm(self._limits.keepalive)
 
     def data_received(self, data: bytes) -> None:
-        before = self._reading
-        if before is Reading.CLOSED:
+        if self._reader.state is Reading.CLOSED:
             return
-        self._begun, self._progress = 0, False
         try:
-            self._parser.feed_data(data)
+            self._reader.feed(data)
         except httptools.HttpParserUpgrade:
-            self._stop_reading()  # CONNECT or Upgrade: answer this request, then close
-        except httptools.HttpParserError as exc:
-            self._refuse_parse_error(exc)
-        else:
-            self._check_growth(before, len(data))
+            self._reader.state = Reading.CLOSED  # CONNECT or Upgrade: answer it, then close
+        except Refused as refusal:
+            self._refuse(refusal)
         self._dispatch()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._reading = Reading.CLOSED
+        request = self._reader.request
+        self._reader.state = Reading.CLOSED
         self._writing = Writing.CLOSED
         self._server.forget(self)
         if self._timer is not None:
             self._timer.cancel()
         gone = RequestError(400, "client_closed", "the app closed the connection")
-        for request in (self._request, *self._queue):
-            if request is not None and request.body is not None:
-                request.body.set_exception(gone)
+        for waiting in (request, *self._queue):
+            if waiting is not None and waiting.body is not None:
+                waiting.body.set_exception(gone)
         self._queue.clear()
-        self._resume_writers()
+        self._writer.resume()
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self._writer.pause()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        self._resume_writers()
-
-    # httptools callbacks
-
-    def on_message_begin(self) -> None:
-        self._reading = Reading.HEAD
-        self._begun += 1
-        self._since = self._loop.time()
-        self._url, self._headers, self._field_bytes, self._head_bytes = b"", [], 0, 0
-        self._length, self._framed, self._chunked = None, False, False
-        self._hosts, self._expect_continue = 0, False
-
-    def on_url(self, url: bytes) -> None:
-        self._url += url
-        self._field_bytes += len(url)
-        if self._field_bytes > MAX_HEAD_BYTES:
-            raise _Refused(431, "headers_too_large", "the request head is too large")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._field_bytes += len(name) + len(value)
-        if self._field_bytes > MAX_HEAD_BYTES or len(self._headers) >= MAX_HEADERS:
-            raise _Refused(431, "headers_too_large", "the request head is too large")
-        if self._reading is not Reading.HEAD:
-            self._progress = True
-            return  # a trailer field: read and dropped, it never joins the head
-        if len(name) in _SERVER_FIELD_LENGTHS:  # skips lower() for most fields
-            self._server_field(name.lower(), value)
-        self._headers.append((name, value))
-
-    def _server_field(self, lower: bytes, value: bytes) -> None:
-        if lower == b"content-length":
-            self._length, self._framed = int(value), True
-        elif lower == b"transfer-encoding":
-            self._framed = self._chunked = True
-        elif lower == b"expect":
-            self._expect_continue = value.lower() == b"100-continue"
-        elif lower == b"host":
-            self._hosts += 1
-
-    def on_headers_complete(self) -> None:
-        assert self._transport is not None
-        http11 = self._parser.get_http_version() == "1.1"
-        if self._chunked and not http11:  # RFC 9112 §6.1: a smuggling vector, refused
-            raise _Refused(400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
-        if self._hosts > 1 or (http11 and not self._hosts):  # RFC 9112 §3.2
-            raise _Refused(400, "bad_request", "an HTTP/1.1 request needs exactly one Host")
-        body = BodyStream(self._transport) if self._framed else None
-        request = Request(
-            self._parser.get_method().decode("ascii"),
-            self._url,
-            self._headers,
-            body,
-            self._length,
-            self._parser.should_keep_alive(),
-            http11,
-            self._expect_continue,
-        )
-        self._reading = Reading.BODY
-        self._request = request
-        self._progress = True
-        self._queue.append(request)
-
-    def on_chunk_header(self) -> None:
-        self._progress = True
-
-    def on_body(self, data: bytes) -> None:
-        self._progress = True
-        self._since = self._loop.time()
-        if self._request is not None and self._request.body is not None:
-            self._request.body.feed(data)
-
-    def on_message_complete(self) -> None:
-        if self._request is not None and self._request.body is not None:
-            self._request.body.feed_eof()
-        self._request = None
-        self._reading = Reading.IDLE
-        self._since = self._loop.time()
+        self._writer.resume()
 
     # Refusing
 
-    def _check_growth(self, before: Reading, size: int) -> None:
-        """Bytes read into an incomplete head or trailer field count as they arrive."""
-        reading = self._reading
-        if reading is Reading.HEAD and self._begun == (0 if before is Reading.HEAD else 1):
-            # The feed held this head's bytes only (a head begun after another message's end
-            # in the same feed is counted from the next feed on: a bounded undercount).
-            self._head_bytes += size
-            if self._head_bytes > MAX_HEAD_BYTES:
-                self._refuse(_Refused(431, "headers_too_large", "the request head is too large"))
-        elif reading is Reading.BODY and before is Reading.BODY and not self._begun:
-            self._stuck_bytes = 0 if self._progress else self._stuck_bytes + size
-            if self._stuck_bytes > MAX_HEAD_BYTES:
-                self._refuse(_Refused(431, "headers_too_large", "a trailer field is too large"))
-
-    def _refuse_parse_error(self, exc: httptools.HttpParserError) -> None:
-        cause = exc.__context__
-        if isinstance(cause, _Refused):
-            self._refuse(cause)
-        else:
-            self._refuse(_Refused(400, "bad_request", f"malformed request: {exc}"))
-
-    def _refuse(self, refusal: _Refused) -> None:
+    def _refuse(self, refusal: Refused) -> None:
         """Stop reading; answer the refused request after those parsed before it, then close.
 
         A request whose handler already runs learns it from its body, and its answer says so.
         """
-        self._reading = Reading.CLOSED
-        request, self._request = self._request, None
+        request = self._reader.request
+        self._reader.state = Reading.CLOSED
+        self._reader.request = None
         if request is not None and request is not self._queue_tail():
             if request.body is not None:
                 error = RequestError(refusal.status, refusal.code, str(refusal))
@@ -267,12 +131,9 @@ class _Connection(asyncio.Protocol):
     def _queue_tail(self) -> Request | None:
         return self._queue[-1] if self._queue else None
 
-    def _stop_reading(self) -> None:
-        self._reading = Reading.CLOSED
-
     def _answering_last(self) -> bool:
         """No request will be answered after the current one: its answer says close."""
-        return self._reading is Reading.CLOSED and not self._queue and self._refusal is None
+        return self._reader.state is Reading.CLOSED and not self._queue and self._refusal is None
 
     # Serving
 
@@ -288,10 +149,10 @@ class _Connection(asyncio.Protocol):
                 elif self._refusal is not None:
                     self._transport.write(wire.closing(self._refusal))
                     self._close()
-                elif self._reading is Reading.CLOSED:
+                elif self._reader.state is Reading.CLOSED:
                     self._close()
                 else:
-                    self._since = self._loop.time()
+                    self._idle_since = self._loop.time()
                     break
             self._hold_reading(bool(self._queue))
         finally:
@@ -320,14 +181,14 @@ class _Connection(asyncio.Protocol):
         self.serve(request, self._server.handler(request))
 
     def _close(self) -> None:
-        self._reading = Reading.CLOSED
+        self._reader.state = Reading.CLOSED
         self._writing = Writing.CLOSED
         if self._transport is not None:
             self._transport.close()
 
     def shutdown(self) -> None:
         """Finish the request in flight (answered with ``Connection: close``), then close."""
-        self._reading = Reading.CLOSED
+        self._reader.state = Reading.CLOSED
         self._queue.clear()
         if self._writing is Writing.IDLE:
             self._close()
@@ -347,9 +208,7 @@ class _Connection(asyncio.Protocol):
             self._task = self._loop.create_task(self._answer(request, response), name="answer")
             return
         try:
-            head, data, keep_alive, _ = wire.frame(request, response, self._answering_last())
-            assert self._transport is not None and isinstance(data, bytes)
-            self._transport.write(head + data if data else head)
+            keep_alive = self._writer.write_complete(request, response, self._answering_last())
         finally:
             if response.release is not None:
                 response.release()
@@ -371,7 +230,7 @@ class _Connection(asyncio.Protocol):
 
     async def _answer(self, request: Request, response: Response) -> None:
         try:
-            keep_alive = await self._write(request, response)
+            keep_alive = await self._writer.write(request, response, self._answering_last())
         except Exception as exc:  # the upstream broke off mid-body: so must the app's answer
             log.warning("answer_cut_short", extra={"error": type(exc).__name__})
             keep_alive = False
@@ -394,67 +253,14 @@ class _Connection(asyncio.Protocol):
         else:
             self._dispatch()
 
-    async def _write(self, request: Request, response: Response) -> bool:
-        """Write the answer; True when the connection can carry another request.
-
-        A streamed body's first bytes are awaited before the head goes out, so an upstream
-        that fails before sending any gets the app a JSON error, not a truncated answer.
-        """
-        body = response.body
-        first = b""
-        if isinstance(body, BodyStream) and not body.complete:
-            try:
-                first = await body.read()
-            except RequestError as exc:
-                return self._write_error(request, exc.status, exc.code, str(exc))
-            except Exception as exc:
-                log.warning("upstream_failed", extra={"error": str(exc)})
-                message = "the upstream broke off its answer"
-                return self._write_error(request, 502, "upstream_unavailable", message)
-        head, data, keep_alive, chunked = wire.frame(request, response, self._answering_last())
-        assert self._transport is not None
-        if isinstance(data, bytes):
-            self._transport.write(head + data if data else head)
-        else:
-            await self._stream(head, first, data, chunked)
-        return keep_alive
-
-    def _write_error(self, request: Request, status: int, code: str, message: str) -> bool:
-        assert self._transport is not None
-        self._transport.write(wire.closing(error_response(status, code, message)))
-        return False
-
-    async def _stream(self, head: bytes, data: bytes, body: BodyStream, chunked: bool) -> None:
-        transport = self._transport
-        assert transport is not None
-        transport.write(head + (wire.chunk(data) if chunked and data else data))
-        while data and not transport.is_closing():
-            if self._write_paused:
-                await self._wait_drained()
-            data = await body.read()
-            if data:
-                transport.write(wire.chunk(data) if chunked else data)
-        if chunked:
-            transport.write(b"0\r\n\r\n")
-
-    async def _wait_drained(self) -> None:
-        if self._drain is None:
-            self._drain = self._loop.create_future()
-        await self._drain
-
-    def _resume_writers(self) -> None:
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
-        self._drain = None
-
     # Timeouts: one timer per connection, re-armed from the state it finds
 
     def _arm(self, delay: float) -> None:
         self._timer = self._loop.call_later(delay, self._check_timeouts)
 
     def _check_timeouts(self) -> None:
-        limit, on_expiry = self._deadline()
-        waited = self._loop.time() - self._since
+        limit, since, on_expiry = self._deadline()
+        waited = self._loop.time() - since
         if limit is not None and waited >= limit:
             on_expiry()
             self._dispatch()
@@ -462,19 +268,20 @@ class _Connection(asyncio.Protocol):
         if self._writing is not Writing.CLOSED:
             self._arm(max((limit or self._limits.keepalive) - waited, 0.05))
 
-    def _deadline(self) -> tuple[float | None, Callable[[], None]]:
-        """How long the app may stay silent in this state, and what happens after."""
-        if self._reading is Reading.HEAD:
-            late = _Refused(408, "request_timeout", "the request head took too long")
-            return self._limits.header_timeout, lambda: self._refuse(late)
-        if self._reading is Reading.BODY and self._request is self._current:
-            body = self._request.body if self._request is not None else None
-            if body is not None and not body.paused:  # else we are the slow side
-                late = _Refused(408, "request_timeout", "the request body stopped arriving")
-                return self._limits.body_timeout, lambda: self._refuse(late)
-        if self._writing is Writing.IDLE and self._reading is Reading.IDLE:
-            return self._limits.keepalive, self._close
-        return None, self._close
+    def _deadline(self) -> tuple[float | None, float, Callable[[], None]]:
+        """How long the app may stay silent in this state, since when, and what follows."""
+        reader = self._reader
+        if reader.state is Reading.HEAD:
+            late = Refused(408, "request_timeout", "the request head took too long")
+            return self._limits.header_timeout, reader.since, lambda: self._refuse(late)
+        request = reader.request
+        body = request.body if request is not None and request is self._current else None
+        if reader.state is Reading.BODY and body is not None and not body.paused:
+            late = Refused(408, "request_timeout", "the request body stopped arriving")
+            return self._limits.body_timeout, reader.since, lambda: self._refuse(late)
+        if self._writing is Writing.IDLE and reader.state is Reading.IDLE:
+            return self._limits.keepalive, self._idle_since, self._close
+        return None, 0.0, self._close
 
 
 class Server:

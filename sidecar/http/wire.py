@@ -1,11 +1,16 @@
-"""How the server frames an answer on the wire (RFC 9112 §6): head, length or chunks, close."""
+"""How the server frames and writes an answer (RFC 9112 §6): head, length or chunks, close."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from http import HTTPStatus
 
 from sidecar.http.body import BodyStream
-from sidecar.http.messages import Request, Response
+from sidecar.http.messages import Request, RequestError, Response
+from sidecar.http.responses import error_response
+
+log = logging.getLogger("sidecar.http.server")
 
 NO_BODY_STATUSES = frozenset({204, 304})
 
@@ -76,3 +81,74 @@ def _reason(status: int) -> bytes:
         return HTTPStatus(status).phrase.encode("ascii")
     except ValueError:
         return b"Unknown"
+
+
+class AnswerWriter:
+    """Writes answers on one app connection, waiting while the app reads slowly."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._paused = False
+        self._drain: asyncio.Future[None] | None = None
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        self._drain = None
+
+    def write_complete(self, request: Request, response: Response, last: bool) -> bool:
+        """Write an answer whose body is all here; True when the connection stays open."""
+        head, data, keep_alive, _ = frame(request, response, last)
+        assert isinstance(data, bytes)
+        self._transport.write(head + data if data else head)
+        return keep_alive
+
+    async def write(self, request: Request, response: Response, last: bool) -> bool:
+        """Write the answer; True when the connection can carry another request.
+
+        A streamed body's first bytes are awaited before the head goes out, so an upstream
+        that fails before sending any gets the app a JSON error, not a truncated answer.
+        """
+        body = response.body
+        first = b""
+        if isinstance(body, BodyStream) and not body.complete:
+            try:
+                first = await body.read()
+            except RequestError as exc:
+                return self._write_error(exc.status, exc.code, str(exc))
+            except Exception as exc:
+                log.warning("upstream_failed", extra={"error": str(exc)})
+                message = "the upstream broke off its answer"
+                return self._write_error(502, "upstream_unavailable", message)
+        head, data, keep_alive, chunked = frame(request, response, last)
+        if isinstance(data, bytes):
+            self._transport.write(head + data if data else head)
+        else:
+            await self._stream(head, first, data, chunked)
+        return keep_alive
+
+    def _write_error(self, status: int, code: str, message: str) -> bool:
+        self._transport.write(closing(error_response(status, code, message)))
+        return False
+
+    async def _stream(self, head: bytes, data: bytes, body: BodyStream, chunked: bool) -> None:
+        transport = self._transport
+        transport.write(head + (chunk(data) if chunked and data else data))
+        while data and not transport.is_closing():
+            if self._paused:
+                await self._wait_drained()
+            data = await body.read()
+            if data:
+                transport.write(chunk(data) if chunked else data)
+        if chunked:
+            transport.write(b"0\r\n\r\n")
+
+    async def _wait_drained(self) -> None:
+        if self._drain is None:
+            self._drain = self._loop.create_future()
+        await self._drain
