@@ -17,16 +17,15 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from sidecar.http.body import BodyStream
-from sidecar.http.upstream import (
+from sidecar.http.errors import (
     ConnectFailed,
     ConnectTimeout,
     PoolBusy,
-    RequestBody,
     StaleConnection,
-    UpstreamConnection,
     UpstreamError,
-    UpstreamResponse,
 )
+from sidecar.http.messages import UpstreamResponse
+from sidecar.http.upstream import RequestBody, UpstreamConnection
 
 __all__ = [
     "IDEMPOTENT",

@@ -47,6 +47,29 @@ class Response:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+class Lent(Protocol):
+    """A pooled connection lent to one request."""
+
+    def abandon(self) -> None:
+        """The borrower is done: reuse the connection if both messages ended, else close."""
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    status: int
+    reason: bytes
+    headers: Headers  # as received, nothing removed
+    body: BodyStream
+    length: int | None  # the announced Content-Length
+    _connection: Lent | None = field(default=None, repr=False)
+
+    def release(self) -> None:
+        """Done with this answer: an unfinished connection is closed, a finished one reused."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.abandon()
+
+
 class Responder(Protocol):
     """How a fast handler answers a request it took."""
 

@@ -101,13 +101,13 @@ class _Connection(asyncio.Protocol):
             if waiting is not None and waiting.body is not None:
                 waiting.body.set_exception(gone)
         self._queue.clear()
-        self._writer.resume()
+        self._writer.gate.resume()
 
     def pause_writing(self) -> None:
-        self._writer.pause()
+        self._writer.gate.pause()
 
     def resume_writing(self) -> None:
-        self._writer.resume()
+        self._writer.gate.resume()
 
     # Refusing
 

@@ -7,10 +7,8 @@ is a protocol error: bytes while IDLE, a second message after DONE, a body on a 
 HEAD answer, an unasked ``101``. Such a connection is closed, never pooled, so no byte of one
 answer can reach the request that uses the connection next. A connection goes back to the pool
 only when both sides are done and the answer ended exactly where its framing said.
-
 One limit of llhttp is accepted: it skips empty lines (bare CR/LF) between messages without a
-callback, so such bytes alone after a complete answer are not seen. They carry nothing and
-cannot form an answer.
+callback, so such bytes alone after a complete answer go unseen; they cannot form an answer.
 """
 
 from __future__ import annotations
@@ -18,15 +16,14 @@ from __future__ import annotations
 import asyncio
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import cast
 
 import httptools
 
-from sidecar.http.body import BodyStream
-from sidecar.http.messages import RequestError
+from sidecar.http.body import BodyStream, WriteGate
+from sidecar.http.errors import StaleConnection, UpstreamError
+from sidecar.http.messages import RequestError, UpstreamResponse
 
-Headers = list[tuple[bytes, bytes]]
 RequestBody = bytes | BodyStream | None
 Answered = Callable[["UpstreamResponse | None", "BaseException | None"], None]
 GiveBack = Callable[["UpstreamConnection", bool], None]
@@ -34,27 +31,6 @@ GiveBack = Callable[["UpstreamConnection", bool], None]
 MAX_HEAD_BYTES = 64 * 1024  # an answer's head, and its trailer section
 _FRAMING_NAME_LENGTHS = frozenset({len(b"content-length"), len(b"transfer-encoding")})
 NO_BODY_STATUSES = frozenset({204, 304})
-
-
-class UpstreamError(Exception):
-    """The upstream could not be reached, or broke the connection or the protocol."""
-
-
-class ConnectFailed(UpstreamError):
-    """No connection could be made: the request was never sent."""
-
-
-class ConnectTimeout(ConnectFailed, TimeoutError):
-    """Connecting took longer than the connect timeout: the request was never sent."""
-
-
-class PoolBusy(UpstreamError):
-    """Every connection stayed busy for the pool's wait bound: the request was never sent."""
-
-
-class StaleConnection(UpstreamError):
-    """A reused connection closed before any byte of the answer: an idempotent request can
-    be sent again on a new one."""
 
 
 class _StrayBytes(Exception):
@@ -79,22 +55,6 @@ class Theirs(enum.Enum):
     CLOSED = "closed"  # closed, or must be: never carries another request
 
 
-@dataclass(slots=True)
-class UpstreamResponse:
-    status: int
-    reason: bytes
-    headers: Headers  # as received, nothing removed
-    body: BodyStream
-    length: int | None  # the announced Content-Length
-    _connection: UpstreamConnection | None = field(default=None, repr=False)
-
-    def release(self) -> None:
-        """Done with this answer: an unfinished connection is closed, a finished one reused."""
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            connection.abandon()
-
-
 class UpstreamConnection(asyncio.Protocol):
     """One upstream connection, carrying one request at a time."""
 
@@ -117,7 +77,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._answered: UpstreamResponse | None = None  # head arrived, callback not yet run
         self._response: UpstreamResponse | None = None
         self._reason = b""
-        self._headers: Headers = []
+        self._headers: list[tuple[bytes, bytes]] = []
         self._length: int | None = None
         self._until_close = False  # neither Content-Length nor chunked: the close ends it
         self._head_bytes = 0  # bytes read while the head was incomplete
@@ -128,8 +88,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._last_read = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._pump: asyncio.Task[None] | None = None
-        self._write_paused = False
-        self._drain: asyncio.Future[None] | None = None
+        self._gate = WriteGate(loop)
 
     @property
     def usable(self) -> bool:
@@ -177,16 +136,17 @@ class UpstreamConnection(asyncio.Protocol):
         if self._ours is Ours.IDLE:
             return
         if not (self._ours is Ours.SENT and self._theirs is Theirs.DONE):
-            self._must_close()
+            self.close()
             if self._pump is not None:
                 self._pump.cancel()
         self._settle()
 
     def close(self) -> None:
-        self._theirs = Theirs.CLOSED
-        self._stop_timer()
-        if self._transport is not None:
-            self._transport.close()
+        if self._theirs is not Theirs.CLOSED:
+            self._theirs = Theirs.CLOSED
+            self._stop_timer()
+            if self._transport is not None:
+                self._transport.close()
 
     def _begin(self, method: str) -> bool:
         """Lend the connection to one request; True when it carried one before."""
@@ -222,13 +182,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._response = None
         self._give_back(self, reusable)
 
-    def _must_close(self) -> None:
-        if self._theirs is not Theirs.CLOSED:
-            self._theirs = Theirs.CLOSED
-            self._stop_timer()
-            if self._transport is not None:
-                self._transport.close()
-
     # Sending
 
     async def _send_body(self, body: BodyStream, chunked: bool) -> None:
@@ -237,8 +190,7 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             while data := await body.read():
                 transport.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
-                if self._write_paused:
-                    await self._wait_drained()
+                await self._gate.wait()
             if chunked:
                 transport.write(b"0\r\n\r\n")
         except RequestError as exc:  # the app's body was bad or late: its own answer says so
@@ -255,10 +207,6 @@ class UpstreamConnection(asyncio.Protocol):
         if self._timer is None:
             self._timer = self._loop.call_later(self._read_timeout, self._check_read_timeout)
         self._settle()
-
-    async def _wait_drained(self) -> None:
-        self._drain = self._loop.create_future()
-        await self._drain
 
     # Timeouts and failures
 
@@ -288,7 +236,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _fail(self, exc: BaseException) -> None:
         """The exchange cannot go on: the answer (or whoever waits for it) gets ``exc``."""
         answer_done = self._theirs is Theirs.DONE
-        self._must_close()
+        self.close()
         if self._transport is not None:
             self._transport.abort()
         if answer_done:
@@ -311,7 +259,7 @@ class UpstreamConnection(asyncio.Protocol):
         """Bytes the framing cannot account for: after a complete answer only the connection
         is lost; before, the answer is too."""
         if self._theirs is Theirs.DONE:
-            self._must_close()
+            self.close()
         else:
             self._fail(UpstreamError(message))
 
@@ -323,7 +271,7 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         theirs = self._theirs
         if theirs is Theirs.IDLE or theirs is Theirs.CLOSED:
-            self._must_close()  # nobody asked: the connection is no longer trustworthy
+            self.close()  # nobody asked: the connection is no longer trustworthy
             return
         self._got_bytes, self._progress = True, False
         self._last_read = self._loop.time()
@@ -359,8 +307,7 @@ class UpstreamConnection(asyncio.Protocol):
         theirs = self._theirs
         self._theirs = Theirs.CLOSED
         self._stop_timer()
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
+        self._gate.resume()
         if theirs is Theirs.WAITING:
             stale = StaleConnection if not self._got_bytes else UpstreamError
             self._head_failed(stale("the upstream closed the connection"))
@@ -372,12 +319,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._settle()
 
     def pause_writing(self) -> None:
-        self._write_paused = True
+        self._gate.pause()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
+        self._gate.resume()
 
     # httptools callbacks: each checks that the byte fits the state, or raises _StrayBytes
 

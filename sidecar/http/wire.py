@@ -6,7 +6,7 @@ import asyncio
 import logging
 from http import HTTPStatus
 
-from sidecar.http.body import BodyStream
+from sidecar.http.body import BodyStream, WriteGate
 from sidecar.http.messages import Request, RequestError, Response
 from sidecar.http.responses import error_response
 
@@ -88,18 +88,7 @@ class AnswerWriter:
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
-        self._loop = loop
-        self._paused = False
-        self._drain: asyncio.Future[None] | None = None
-
-    def pause(self) -> None:
-        self._paused = True
-
-    def resume(self) -> None:
-        self._paused = False
-        if self._drain is not None and not self._drain.done():
-            self._drain.set_result(None)
-        self._drain = None
+        self.gate = WriteGate(loop)
 
     def write_complete(self, request: Request, response: Response, last: bool) -> bool:
         """Write an answer whose body is all here; True when the connection stays open."""
@@ -140,15 +129,9 @@ class AnswerWriter:
         transport = self._transport
         transport.write(head + (chunk(data) if chunked and data else data))
         while data and not transport.is_closing():
-            if self._paused:
-                await self._wait_drained()
+            await self.gate.wait()
             data = await body.read()
             if data:
                 transport.write(chunk(data) if chunked else data)
         if chunked:
             transport.write(b"0\r\n\r\n")
-
-    async def _wait_drained(self) -> None:
-        if self._drain is None:
-            self._drain = self._loop.create_future()
-        await self._drain
