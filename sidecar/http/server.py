@@ -175,10 +175,20 @@ class _Connection(asyncio.Protocol):
         self._current = request
         if request.expect_continue and request.body is not None and not request.body.complete:
             self._transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        fast = self._server.fast
-        if fast is not None and request.body is None and fast(request, self):
+        if request.body is None and self._try_fast(request):
             return  # answered through deliver() or serve() later
         self.serve(request, self._server.handler(request))
+
+    def _try_fast(self, request: Request) -> bool:
+        """Whatever the fast handler cannot finish falls to the handler, which answers all."""
+        fast = self._server.fast
+        if fast is None:
+            return False
+        try:
+            return fast(request, self)
+        except Exception:
+            log.exception("handler_failed")
+            return self._current is not request or self._task is not None  # answered already
 
     def _close(self) -> None:
         self._reader.state = Reading.CLOSED
