@@ -227,7 +227,11 @@ class UpstreamProxy:
             return relay(upstream)
         if not replayable:
             self._metrics.retries.labels(self._cfg.name, "not_replayable").inc()
-            await self._refresh_quietly(account, first.token)
+            try:
+                await self._refresh_quietly(account, first.token)
+            except BaseException:  # the app went away: the answer's connection is freed
+                upstream.release()
+                raise
             return relay(upstream)
         try:
             token = await self._credentials.refresh(self._cfg.provider, account, failed=first.token)

@@ -38,6 +38,19 @@ def too_large(what: str) -> Refused:
     return Refused(431, "headers_too_large", f"{what} is too large")
 
 
+def _check_codings(values: list[bytes], http11: bool) -> None:
+    """Transfer-Encoding must be exactly ``chunked``, in an HTTP/1.1 request.
+
+    RFC 9112 §6.1: in HTTP/1.0 it is a smuggling vector. Another coding before chunked would
+    reach the target decoded of its chunks but still coded, without saying so (nginx: 501).
+    """
+    if not http11:
+        raise Refused(400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
+    codings = [c.strip(b" \t").lower() for value in values for c in value.split(b",")]
+    if [c for c in codings if c] != [b"chunked"]:  # empty list elements are allowed
+        raise Refused(400, "bad_request", "only Transfer-Encoding: chunked is supported")
+
+
 class Reading(enum.Enum):
     IDLE = "idle"  # between requests: the next byte begins one
     HEAD = "head"  # a request head is arriving
@@ -70,7 +83,7 @@ class RequestReader:
         self._begun = 0  # requests begun in the current feed
         self._length: int | None = None
         self._framed = False  # Content-Length or Transfer-Encoding seen
-        self._chunked = False
+        self._codings: list[bytes] = []  # Transfer-Encoding values
         self._hosts = 0
         self._expect_continue = False
 
@@ -108,7 +121,7 @@ class RequestReader:
         self._begun += 1
         self.since = self._loop.time()
         self._url, self._headers, self._field_bytes, self._head_bytes = b"", [], 0, 0
-        self._length, self._framed, self._chunked = None, False, False
+        self._length, self._framed, self._codings = None, False, []
         self._hosts, self._expect_continue = 0, False
 
     def on_url(self, url: bytes) -> None:
@@ -132,16 +145,20 @@ class RequestReader:
         if lower == b"content-length":
             self._length, self._framed = int(value), True
         elif lower == b"transfer-encoding":
-            self._framed = self._chunked = True
+            self._framed = True
+            self._codings.append(value)
         elif lower == b"expect":
             self._expect_continue = value.lower() == b"100-continue"
         elif lower == b"host":
             self._hosts += 1
 
     def on_headers_complete(self) -> None:
-        http11 = self._parser.get_http_version() == "1.1"
-        if self._chunked and not http11:  # RFC 9112 §6.1: a smuggling vector, refused
-            raise Refused(400, "bad_request", "Transfer-Encoding in an HTTP/1.0 request")
+        version = self._parser.get_http_version()
+        if version not in ("1.0", "1.1"):
+            raise Refused(400, "bad_request", f"HTTP/{version} is not spoken here")
+        http11 = version == "1.1"
+        if self._codings:
+            _check_codings(self._codings, http11)
         if self._hosts > 1 or (http11 and not self._hosts):  # RFC 9112 §3.2
             raise Refused(400, "bad_request", "an HTTP/1.1 request needs exactly one Host")
         body = BodyStream(self._transport) if self._framed else None

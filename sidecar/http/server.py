@@ -55,7 +55,9 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: Server) -> None:
         self._server = server
         self._loop = server.loop
-        self._limits = server.limits
+        self._limits = limits = server.limits
+        # The timer checks at least this often, so each limit holds within its own length.
+        self._tick = min(limits.header_timeout, limits.body_timeout, limits.keepalive)
         self._transport: asyncio.Transport | None = None
         self._reader: RequestReader
         self._writing = Writing.IDLE
@@ -76,7 +78,7 @@ class _Connection(asyncio.Protocol):
         self._writer = wire.AnswerWriter(self._transport, self._loop)
         self._reader = RequestReader(self._transport, self._loop, self._queue.append)
         self._server.connections.add(self)
-        self._arm(self._limits.keepalive)
+        self._arm(self._tick)
 
     def data_received(self, data: bytes) -> None:
         if self._reader.state is Reading.CLOSED:
@@ -96,6 +98,8 @@ class _Connection(asyncio.Protocol):
         self._server.forget(self)
         if self._timer is not None:
             self._timer.cancel()
+        if self._task is not None:  # nobody waits for the answer: free its upstream connection
+            self._task.cancel()
         gone = RequestError(400, "client_closed", "the app closed the connection")
         for waiting in (request, *self._queue):
             if waiting is not None and waiting.body is not None:
@@ -276,7 +280,7 @@ class _Connection(asyncio.Protocol):
             self._dispatch()
             limit, waited = None, 0.0
         if self._writing is not Writing.CLOSED:
-            self._arm(max((limit or self._limits.keepalive) - waited, 0.05))
+            self._arm(max(min(limit - waited, self._tick) if limit else self._tick, 0.05))
 
     def _deadline(self) -> tuple[float | None, float, Callable[[], None]]:
         """How long the app may stay silent in this state, since when, and what follows."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import re
 from collections.abc import Callable
 from typing import cast
 
@@ -31,6 +32,7 @@ GiveBack = Callable[["UpstreamConnection", bool], None]
 MAX_HEAD_BYTES = 64 * 1024  # an answer's head, and its trailer section
 _FRAMING_NAME_LENGTHS = frozenset({len(b"content-length"), len(b"transfer-encoding")})
 NO_BODY_STATUSES = frozenset({204, 304})
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class _StrayBytes(Exception):
@@ -330,9 +332,15 @@ class UpstreamConnection(asyncio.Protocol):
         if self._theirs is not Theirs.WAITING:
             raise _StrayBytes  # a second answer to one request
         self._headers, self._length, self._until_close = [], None, True
+        self._reason = b""
 
     def on_status(self, reason: bytes) -> None:
-        self._reason = reason
+        self._field_bytes += len(reason)  # (llhttp may hand the phrase over in pieces)
+        if self._field_bytes > MAX_HEAD_BYTES:
+            raise _TooLarge
+        if _CONTROL.search(reason):
+            raise _StrayBytes  # RFC 9112 §4: HTAB, SP, VCHAR and obs-text only
+        self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._field_bytes += len(name) + len(value)
@@ -372,6 +380,8 @@ class UpstreamConnection(asyncio.Protocol):
             self._complete()  # whatever the fields say; any byte after the head is stray
 
     def on_chunk_header(self) -> None:
+        if self._theirs is not Theirs.BODY:
+            raise _StrayBytes  # chunks on an answer that has no body
         self._progress = True
 
     def on_body(self, data: bytes) -> None:

@@ -1,0 +1,1 @@
+"""Hostile input on the data path: raw bytes from an attacker app or a broken upstream."""
