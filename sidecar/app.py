@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -20,9 +21,11 @@ from sidecar.admin import AdminApi
 from sidecar.config import Config, UpstreamConfig
 from sidecar.credentials import CredentialManager
 from sidecar.credentials.accounts import AccountService, make_account_service
+from sidecar.credentials.maintenance import check_keys
 from sidecar.credentials.notifier import Notifier
 from sidecar.credentials.refresher import Refresher
 from sidecar.crypto import TokenCipher
+from sidecar.errors import ListenError
 from sidecar.grants import make_grant
 from sidecar.http.client import HttpClient, UpstreamPool
 from sidecar.http.messages import FastHandler, Handler
@@ -75,6 +78,7 @@ class Sidecar:
     ) -> Sidecar:
         store = await open_store(config.store.url)
         exit_stack.push_async_callback(store.close)
+        await check_keys(store, TokenCipher(config.store.keys))  # refuse a wrong key file
         token_http = HttpClient()
         exit_stack.push_async_callback(token_http.close)
         tasks = Tasks()  # closed first: refreshes stop before the HTTP client and store go
@@ -130,7 +134,13 @@ class Sidecar:
     ) -> None:
         server = Server(handler, asyncio.get_running_loop(), fast)
         self._servers.append(server)
-        self.addresses[name] = await server.listen(host, port)
+        self._exit.push_async_callback(server.close, 0.0)  # after stop()'s drain, or on failure
+        try:
+            self.addresses[name] = await server.listen(host, port)
+        except OSError as exc:
+            # asyncio's message repeats the address; the errno's text is the reason.
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ListenError(name, host, port, reason.lower()) from None
         log.info("listening", extra={"listener": name, "port": self.addresses[name][1]})
 
     def listeners_up(self) -> bool:

@@ -4,6 +4,7 @@
 
     SidecarError
      +-- ConfigError                 bad configuration; carries every problem found
+     +-- ListenError                 a listener cannot take its address (in use, not ours)
      +-- StoreError                  the token store failed (I/O, schema, lost update)
      |    +-- DecryptError           a stored row does not decrypt with any configured key
      +-- GrantError                  the token endpoint did not give us a token
@@ -13,7 +14,9 @@
      +-- CredentialError             a request cannot get a token right now
           +-- UnknownAccount         no such account for this provider
           +-- ReauthorizationRequired  the account's grant is dead until an operator acts
-          +-- TokenUnavailable       no valid token and refreshing failed transiently
+          +-- TokenUnavailable       no valid token and refreshing (or the store) failed
+          |                          transiently
+          +-- TokenUndecryptable     the stored pair does not decrypt with the configured keys
 
 ``CredentialError`` subclasses carry the ``code`` the proxy puts in ``X-Sidecar-Error``.
 """
@@ -31,6 +34,13 @@ class ConfigError(SidecarError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("; ".join(problems))
         self.problems = problems
+
+
+class ListenError(SidecarError):
+    """A listener cannot bind its address. Fatal at start: one line for the operator."""
+
+    def __init__(self, listener: str, host: str, port: int, reason: str) -> None:
+        super().__init__(f"cannot listen on {host}:{port} for the {listener} listener: {reason}")
 
 
 class StoreError(SidecarError):
@@ -97,6 +107,17 @@ class TokenUnavailable(CredentialError):
     code = "token_unavailable"
     status = 503
 
-    def __init__(self, retry_after: int) -> None:
-        super().__init__("no valid access token; refreshing failed, will retry")
+    def __init__(
+        self,
+        retry_after: int,
+        message: str = "no valid access token; refreshing failed, will retry",
+    ) -> None:
+        super().__init__(message)
         self.retry_after = retry_after
+
+
+class TokenUndecryptable(CredentialError):
+    """A configuration fault, not a bug: the key that sealed the row is not configured."""
+
+    code = "token_undecryptable"
+    status = 503

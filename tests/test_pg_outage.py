@@ -6,71 +6,26 @@ dropped, new ones refused) and restores, as a restart or a network partition wou
 
 from __future__ import annotations
 
-import asyncio
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 from sidecar.credentials.codec import unseal
 from sidecar.crypto import TokenCipher
-from tests.conftest import seed
+from tests.conftest import sample, seed
+from tests.relay import Relay
 
 if TYPE_CHECKING:
     from tests.pg import PgSchema
 
 pytest_plugins = ("tests.pg",)
-
-
-class Relay:
-    """127.0.0.1:<port> -> the PostgreSQL server, until cut."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.server: asyncio.Server | None = None
-        self.port = 0
-        self.links: set[asyncio.StreamWriter] = set()
-
-    async def up(self) -> None:
-        self.server = await asyncio.start_server(self._link, "127.0.0.1", self.port)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def cut(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-        for writer in list(self.links):
-            writer.transport.abort()
-        self.links.clear()
-
-    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-        self.links |= {writer, up_writer}
-        try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-        finally:
-            for w in (writer, up_writer):
-                self.links.discard(w)
-                w.close()
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        writer.close()
+ACCOUNT = "X-Sidecar-Account"
 
 
 async def test_requests_flow_through_a_postgres_outage_and_the_refresh_resumes(
     make_sidecar, idp, api, clock, client, pg_schema: PgSchema
 ) -> None:
-    server = urlsplit(pg_schema.url)
-    relay = Relay(server.hostname or "127.0.0.1", server.port or 5432)
+    relay = Relay.before(pg_schema.url)
     await relay.up()
-    url = pg_schema.url.replace(server.netloc, f"{server.username}@127.0.0.1:{relay.port}")
-    sidecar = await make_sidecar(store={"url": url})
+    sidecar = await make_sidecar(store={"url": relay.url(pg_schema.url)})
     seeded = await seed(sidecar, idp, api, clock, expires_in=3600)
     async with client.get(sidecar.url("api") + "/x") as resp:
         assert resp.status == 200  # the pair is cached now
@@ -96,4 +51,34 @@ async def test_requests_flow_through_a_postgres_outage_and_the_refresh_resumes(
     row = await sidecar.store.get("example", "main")
     assert row is not None and row.version == 2
     assert unseal(TokenCipher(sidecar.config.store.keys), row).token.access_token == "access-2"
+    await relay.cut()
+
+
+async def test_an_uncached_account_with_the_store_away_is_503_token_unavailable(
+    make_sidecar, idp, api, clock, client, pg_schema: PgSchema
+) -> None:
+    """A ready replica whose store went away cannot read an account it has not cached yet:
+    the app gets 503 token_unavailable with Retry-After (it may pass), never a 500."""
+    relay = Relay.before(pg_schema.url)
+    await relay.up()
+    sidecar = await make_sidecar(store={"url": relay.url(pg_schema.url)})
+    for account in ("cached", "cold-1", "cold-2"):
+        await seed(sidecar, idp, api, clock, account=account)
+    async with client.get(sidecar.url("api") + "/x", headers={ACCOUNT: "cached"}) as resp:
+        assert resp.status == 200
+
+    await relay.cut()
+    for account in ("cold-1", "cold-2"):
+        async with client.get(sidecar.url("api") + "/x", headers={ACCOUNT: account}) as resp:
+            assert resp.status == 503
+            assert resp.headers["X-Sidecar-Error"] == "token_unavailable"
+            assert int(resp.headers["Retry-After"]) >= 1
+            assert (await resp.json())["error"] == "token_unavailable"
+    async with client.get(sidecar.url("api") + "/x", headers={ACCOUNT: "cached"}) as resp:
+        assert resp.status == 200  # a cached, valid token needs no store
+    assert sample(sidecar, "sidecar_errors_total", upstream="api", code="internal_error") == 0
+
+    await relay.up()
+    async with client.get(sidecar.url("api") + "/x", headers={ACCOUNT: "cold-1"}) as resp:
+        assert resp.status == 200  # the store is back: the account is read and served
     await relay.cut()

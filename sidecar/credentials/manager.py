@@ -42,6 +42,7 @@ from sidecar.errors import (
     ReauthorizationRequired,
     StoreError,
     TokenUnavailable,
+    TokenUndecryptable,
     TransientGrantError,
     UnknownAccount,
 )
@@ -55,6 +56,7 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (provider, account)
 Decide = Callable[[Credential], bool]  # does this freshly reloaded pair need refreshing?
 PROVIDER_TRIP_FAILURES = 3  # failures in a row before every refresh to a provider slows down
+STORE_RETRY_AFTER_SECONDS = 2  # Retry-After when an account cannot be read: outages are short
 
 
 @dataclass(slots=True)
@@ -113,7 +115,7 @@ class CredentialManager:
 
     async def current(self, provider: str, account: str) -> Token:
         """A token that is safe to inject now; refreshes first when it is STALE or INVALID."""
-        cred = self._cache.get((provider, account)) or await self._load(provider, account)
+        cred = self._cache.get((provider, account)) or await self._read(provider, account)
         if cred.state is AccountState.REAUTHORIZATION_REQUIRED:
             raise ReauthorizationRequired(cred.state_reason or "unknown", cred.state_changed_at)
         skew = self._providers[provider].refresh_skew_seconds
@@ -193,13 +195,35 @@ class CredentialManager:
         wait = retry_at - now if retry_at else 1.0
         raise TokenUnavailable(retry_after=max(1, math.ceil(wait))) from exc
 
+    async def _read(self, provider: str, account: str) -> Credential:
+        """``_load`` for a request: a store that is away is "try again soon" for the app,
+        as a failing token endpoint is, not an internal error."""
+        try:
+            return await self._load(provider, account)
+        except StoreError as exc:
+            log.warning(
+                "token_store_unavailable",
+                extra={"provider": provider, "account": account, "error": str(exc)},
+            )
+            raise TokenUnavailable(
+                STORE_RETRY_AFTER_SECONDS, "the token store is unavailable; try again shortly"
+            ) from exc
+
     async def _load(self, provider: str, account: str) -> Credential:
         row = await self._store.get(provider, account)
         if row is None:
             if account == CLIENT_CREDENTIALS_ACCOUNT and self._providers[provider].single_token:
                 return Credential(provider, account, Token("", expires_at=0.0), version=0)
             raise UnknownAccount(f"no account {account!r} for provider {provider!r}")
-        cred = unseal(self._cipher, row)
+        try:
+            cred = unseal(self._cipher, row)
+        except DecryptError as exc:
+            # A key file that does not match the store: the app gets a clear error naming the
+            # key id, and start-up checks (sidecar check-config, run) catch it before traffic.
+            raise TokenUndecryptable(
+                f"the stored token pair does not decrypt with the configured keys ({exc}); "
+                "check [store] key_file"
+            ) from exc
         self._cache[(provider, account)] = cred
         if row.refresh_attempt_at is not None and (provider, account) not in self._lost:
             # A refresh was sent and never concluded (a crash, here or in another replica):
