@@ -28,12 +28,13 @@ from sidecar.crypto import TokenCipher
 from sidecar.errors import ListenError
 from sidecar.grants import make_grant
 from sidecar.http.client import HttpClient, UpstreamPool
-from sidecar.http.messages import FastHandler, Handler
+from sidecar.http.messages import FastHandler, Handler, Request, Response
+from sidecar.http.responses import error_response, json_response
 from sidecar.http.server import Server
 from sidecar.metrics import Metrics
 from sidecar.model import Clock, system_clock
 from sidecar.proxy import UpstreamProxy
-from sidecar.store import TokenStore, open_store
+from sidecar.store import TokenStore, open_store, open_store_patiently
 from sidecar.tasks import Tasks
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,16 @@ class Sidecar:
         rng: random.Random | None,
         exit_stack: AsyncExitStack,
     ) -> Sidecar:
-        store = await open_store(config.store.url)
+        # The admin listener comes first, so probes get an answer while the store is awaited:
+        # alive, not ready.
+        admin_handler = _Switch(_starting)
+        servers: list[Server] = []
+        addresses: dict[str, tuple[str, int]] = {}
+        admin = config.admin
+        await _listen(
+            exit_stack, servers, addresses, "admin", admin_handler, admin.host, admin.port
+        )
+        store = await open_store_patiently(config.store.url, config.store.connect_retry_seconds)
         exit_stack.push_async_callback(store.close)
         await check_keys(store, TokenCipher(config.store.keys))  # refuse a wrong key file
         token_http = HttpClient()
@@ -100,7 +110,9 @@ class Sidecar:
         refresher = Refresher(store, credentials, providers, clock)
         if config.background_refresh:
             tasks.spawn(refresher.run(), name="background refresher")
-        sidecar = cls(config, store, credentials, metrics, clock, refresher, _exit=exit_stack)
+        sidecar = cls(
+            config, store, credentials, metrics, clock, refresher, addresses, exit_stack, servers
+        )
         for upstream in config.upstreams:
             await sidecar._listen_upstream(upstream)
         accounts = make_account_service(
@@ -112,36 +124,30 @@ class Sidecar:
             clock,
             changed=_on_account_change(credentials, refresher),
         )
-        admin = AdminApi(
+        admin_handler.handler = AdminApi(
             store,
             metrics,
             tuple(p.name for p in config.providers),
             sidecar.listeners_up,
             accounts,
             config.admin.token,
-        )
-        await sidecar._listen("admin", admin.handle, config.admin.host, config.admin.port)
+        ).handle
         return sidecar
 
     async def _listen_upstream(self, cfg: UpstreamConfig) -> None:
         pool = upstream_pool(cfg)
         self._exit.push_async_callback(pool.close)
         proxy = UpstreamProxy(cfg, self.credentials, pool, self.metrics, self.clock)
-        await self._listen(cfg.name, proxy.handle, cfg.host, cfg.port, proxy.fast)
-
-    async def _listen(
-        self, name: str, handler: Handler, host: str, port: int, fast: FastHandler | None = None
-    ) -> None:
-        server = Server(handler, asyncio.get_running_loop(), fast)
-        self._servers.append(server)
-        self._exit.push_async_callback(server.close, 0.0)  # after stop()'s drain, or on failure
-        try:
-            self.addresses[name] = await server.listen(host, port)
-        except OSError as exc:
-            # asyncio's message repeats the address; the errno's text is the reason.
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise ListenError(name, host, port, reason.lower()) from None
-        log.info("listening", extra={"listener": name, "port": self.addresses[name][1]})
+        await _listen(
+            self._exit,
+            self._servers,
+            self.addresses,
+            cfg.name,
+            proxy.handle,
+            cfg.host,
+            cfg.port,
+            proxy.fast,
+        )
 
     def listeners_up(self) -> bool:
         return len(self.addresses) == len(self.config.upstreams) + 1
@@ -182,6 +188,47 @@ async def open_accounts(
             store, cipher, grants, providers, Metrics(), clock, tasks, None
         )
         yield make_account_service(config.providers, store, cipher, http, credentials, clock)
+
+
+async def _listen(
+    exit_stack: AsyncExitStack,
+    servers: list[Server],
+    addresses: dict[str, tuple[str, int]],
+    name: str,
+    handler: Handler,
+    host: str,
+    port: int,
+    fast: FastHandler | None = None,
+) -> None:
+    """Bind one listener; a port in use is a ListenError naming the listener and address."""
+    server = Server(handler, asyncio.get_running_loop(), fast)
+    servers.append(server)
+    exit_stack.push_async_callback(server.close, 0.0)  # after stop()'s drain, or on failure
+    try:
+        addresses[name] = await server.listen(host, port)
+    except OSError as exc:
+        # asyncio's message repeats the address; the errno's text is the reason.
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ListenError(name, host, port, reason.lower()) from None
+    log.info("listening", extra={"listener": name, "port": addresses[name][1]})
+
+
+class _Switch:
+    """A listener's handler that can be replaced once what it needs exists."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+
+    async def __call__(self, request: Request) -> Response:
+        return await self.handler(request)
+
+
+async def _starting(request: Request) -> Response:
+    """The admin listener before the admin API exists: alive (so a liveness probe does not
+    restart a pod that waits for its database), not ready, and nothing else yet."""
+    if request.target.partition(b"?")[0] == b"/healthz":
+        return json_response({"status": "starting"})
+    return error_response(503, "not_ready", "starting: waiting for the token store")
 
 
 def upstream_pool(cfg: UpstreamConfig) -> UpstreamPool:

@@ -40,6 +40,7 @@ from sidecar.errors import ConfigError, ListenError, SidecarError, StoreError
 from sidecar.model import AccountState
 from sidecar.store import open_store
 from sidecar.store.sqlite import sqlite_path
+from sidecar.tasks import Tasks
 
 log = logging.getLogger("sidecar")
 
@@ -198,13 +199,29 @@ async def _serve(cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    sidecar = await Sidecar.start(cfg)
+    sidecar = await _start_unless_stopped(cfg, stop)
+    if sidecar is None:
+        log.info("stopped", extra={"before_ready": True})
+        return EXIT_OK
     log.info("ready", extra={"listeners": sidecar.addresses})
     await stop.wait()
     log.info("stopping", extra={"grace_seconds": cfg.shutdown_timeout_seconds})
     await sidecar.stop()
     log.info("stopped")
     return EXIT_OK
+
+
+async def _start_unless_stopped(cfg: Config, stop: asyncio.Event) -> Sidecar | None:
+    """Start, unless a signal comes first: start-up may wait a minute for the store, and a
+    pod deleted meanwhile must not wait for that. None when stopped before ready."""
+    tasks = Tasks()
+    starting = tasks.spawn(Sidecar.start(cfg), name="start")
+    signalled = tasks.spawn(stop.wait(), name="stop signal")
+    try:
+        await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        return starting.result() if starting.done() else None
+    finally:
+        await tasks.close()  # cancels what is still running; a cancelled start cleans up
 
 
 def _load_for_provider(args: argparse.Namespace) -> Config:

@@ -69,6 +69,7 @@ class StoreConfig:
     url: str = field(repr=False)  # may carry a database password
     key_file: str
     keys: tuple[bytes, ...] = field(repr=False)  # 32-byte AES keys; the first one encrypts
+    connect_retry_seconds: float = 60.0  # keep trying an unreachable store this long at start
 
 
 @dataclass(frozen=True)
@@ -300,8 +301,11 @@ def _store(table: dict[str, Any], problems: list[str], base_dir: Path) -> StoreC
     keys: tuple[bytes, ...] = ()
     if key_file:
         keys = _read_keys(_resolve(key_file, base_dir), r)
+    retry = r.get("connect_retry_seconds", float, 60.0)
+    if retry < 0:
+        r.problem("connect_retry_seconds", f"must be 0 or more, got {retry!r}")
     r.finish()
-    return StoreConfig(url, key_file, keys)
+    return StoreConfig(url, key_file, keys, retry)
 
 
 def _read_keys(path: Path, r: _Reader) -> tuple[bytes, ...]:

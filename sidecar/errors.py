@@ -7,6 +7,7 @@
      +-- ListenError                 a listener cannot take its address (in use, not ours)
      +-- StoreError                  the token store failed (I/O, schema, lost update)
      |    +-- DecryptError           a stored row does not decrypt with any configured key
+     |    +-- StoreUnreachable       cannot connect to the store at all (worth retrying at start)
      +-- GrantError                  the token endpoint did not give us a token
      |    +-- FatalGrantError        the grant is dead (invalid_grant, invalid_client, ...):
      |    |                          mark the account, never retry by ourselves
@@ -49,6 +50,11 @@ class StoreError(SidecarError):
 
 class DecryptError(StoreError):
     """A stored row does not decrypt: wrong key, tampered data, or copied to another account."""
+
+
+class StoreUnreachable(StoreError):
+    """No connection to the store could be made: at start this may pass (a database pod
+    starting beside ours), unlike a schema or permission problem."""
 
 
 class GrantError(SidecarError):

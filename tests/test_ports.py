@@ -79,8 +79,8 @@ async def test_a_second_sidecar_dev_prints_one_line_and_exits_2() -> None:
         assert second.returncode == 2, err.decode()
         assert out == b""
         assert own_lines(err.decode()) == [
-            f"error: cannot listen on 127.0.0.1:{port} for the demo-api listener: "
-            "address already in use"
+            f"error: cannot listen on 127.0.0.1:{admin_port} for the admin listener: "
+            "address already in use"  # the admin listener is bound first
         ]
     finally:
         first.terminate()
