@@ -51,6 +51,7 @@ class Sidecar:
     addresses: dict[str, tuple[str, int]] = field(default_factory=dict)  # listener -> address
     _exit: AsyncExitStack = field(default_factory=AsyncExitStack)
     _servers: list[Server] = field(default_factory=list)
+    _background: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(
@@ -108,11 +109,11 @@ class Sidecar:
         )
         await credentials.reset_client_credentials()
         refresher = Refresher(store, credentials, providers, clock)
-        if config.background_refresh:
-            tasks.spawn(refresher.run(), name="background refresher")
         sidecar = cls(
             config, store, credentials, metrics, clock, refresher, addresses, exit_stack, servers
         )
+        if config.background_refresh:
+            sidecar._background = tasks.spawn(refresher.run(), name="background refresher")
         for upstream in config.upstreams:
             await sidecar._listen_upstream(upstream)
         accounts = make_account_service(
@@ -157,11 +158,15 @@ class Sidecar:
         return f"http://{host}:{port}"
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (bounded), then release everything."""
+        """Stop refreshing ahead and accepting, let in-flight requests finish (bounded), store
+        the answers of token calls already sent, then release everything."""
+        if self._background is not None:
+            self._background.cancel()  # its refreshes in progress are shielded: drained below
         grace = self.config.shutdown_timeout_seconds
         await asyncio.gather(*(server.close(grace) for server in self._servers))
         self._servers.clear()
         self.addresses.clear()
+        await self.credentials.drain()
         await self._exit.aclose()
 
 

@@ -192,7 +192,8 @@ async def test_refresh_interrupted_by_a_crash_is_visible_after_restart(
     api,
     clock,
 ) -> None:
-    first = await make_sidecar()
+    # A shutdown waits for a refresh in flight for no longer than the provider's timeout.
+    first = await make_sidecar(provider={"timeout_seconds": 0.5})
     seeded = await seed(first, idp, api, clock, expires_in=30)
     clock.advance(25)
     idp.gate = asyncio.Event()  # the provider receives the refresh...

@@ -29,6 +29,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from aiolimiter import AsyncLimiter
 
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (provider, account)
 Decide = Callable[[Credential], bool]  # does this freshly reloaded pair need refreshing?
 PROVIDER_TRIP_FAILURES = 3  # failures in a row before every refresh to a provider slows down
+DRAIN_WRITE_SECONDS = 5.0  # at shutdown, time allowed to store a pair after its answer
 STORE_RETRY_AFTER_SECONDS = 2  # Retry-After when an account cannot be read: outages are short
 
 
@@ -89,6 +91,8 @@ class CredentialManager:
         self._unsaved: dict[Key, Credential] = {}  # new pairs whose write failed: never lose them
         self._lost: dict[Key, int] = {}  # refreshes whose answer was lost, in a row
         self._provider_backoff: dict[str, Backoff] = {}
+        self._sending: set[Key] = set()  # provider called, new pair not yet stored
+        self._stopping = False
         # Shared by on-demand and background refreshes: thousands of refreshes fired at once
         # would time out, and a timed-out rotation loses the new pair.
         self._limits = {
@@ -283,19 +287,52 @@ class CredentialManager:
             if retry_at is not None and self._clock() < retry_at:
                 raise TransientGrantError("backing off after an earlier failure")
             async with self._rates[provider]:
-                await self._store.record_refresh_attempt(provider, account, self._clock())
-                new_token = await self._call_provider(cred)
-        now = self._clock()
+                if self._stopping:  # nothing sent yet: leave it to the next process
+                    raise TransientGrantError("the sidecar is stopping")
+                self._sending.add(key)
+                try:
+                    return await self._send(cred)
+                finally:
+                    self._sending.discard(key)
+
+    async def _send(self, cred: Credential) -> Credential:
+        """Call the provider and store the new pair: what a shutdown waits for."""
+        await self._store.record_refresh_attempt(cred.provider, cred.account, self._clock())
+        new_token = await self._call_provider(cred)
         fresh = dataclasses.replace(
             cred,
             token=cred.token.rotated(new_token),
             state=AccountState.ACTIVE,
             state_reason=None,
             state_changed_at=None,
-            refreshed_at=now,
+            refreshed_at=self._clock(),
         )
-        self._unsaved[key] = fresh
+        self._unsaved[(cred.provider, cred.account)] = fresh
         return await self._save(cred, fresh)
+
+    async def drain(self) -> int:
+        """At shutdown: start no more provider calls, and wait for those already sent until
+        their pairs are stored. Cancelling one instead would lose a rotated refresh token: the
+        provider has rotated, and the next process would present the old one (reuse, and the
+        account is dead). Bounded by the providers' ``timeout_seconds`` plus a store write;
+        returns how many were still unfinished then."""
+        self._stopping = True
+        flights: list[tuple[Key, asyncio.Future[Any]]] = [
+            *self._flights.items(),
+            *self._tries.items(),
+        ]
+        sending = {flight for key, flight in flights if key in self._sending}
+        if not sending:
+            return 0
+        bound = max(p.timeout_seconds for p in self._providers.values()) + DRAIN_WRITE_SECONDS
+        log.info("refreshes_draining", extra={"in_flight": len(sending), "bound_seconds": bound})
+        _, pending = await asyncio.wait(sending, timeout=bound)
+        log.log(
+            logging.WARNING if pending else logging.INFO,
+            "refreshes_drained",
+            extra={"stored": len(sending) - len(pending), "unfinished": len(pending)},
+        )
+        return len(pending)
 
     async def _call_provider(self, cred: Credential) -> Token:
         key = (cred.provider, cred.account)
