@@ -109,6 +109,7 @@ class Sidecar:
         )
         await credentials.reset_client_credentials()
         refresher = Refresher(store, credentials, providers, clock)
+        credentials.recovered = lambda provider: refresher.wake()
         sidecar = cls(
             config, store, credentials, metrics, clock, refresher, addresses, exit_stack, servers
         )

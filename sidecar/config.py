@@ -136,6 +136,7 @@ class ProviderConfig:
     refresh_jitter_fraction: float = 0.1
     refresh_token_lifetime_seconds: float | None = None  # keepalive: refresh before it lapses
     lost_refresh_max_attempts: int = 8
+    recovery_probe_seconds: float = 5.0  # while the provider fails: one call this often
 
     @property
     def single_token(self) -> bool:
@@ -483,6 +484,7 @@ def _provider(
         refresh_jitter_fraction=_fraction(r, "refresh_jitter_fraction", 0.1),
         refresh_token_lifetime_seconds=r.positive("refresh_token_lifetime_seconds", float, None),
         lost_refresh_max_attempts=r.positive("lost_refresh_max_attempts", int, 8),
+        recovery_probe_seconds=r.positive("recovery_probe_seconds", float, 5.0),
     )
     r.finish()
     return provider

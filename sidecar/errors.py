@@ -76,15 +76,23 @@ class TransientGrantError(GrantError):
     ``outcome_unknown`` is true when the request may have reached the provider but the answer
     was lost: the provider may already have rotated the refresh token.
     ``retry_after`` is the provider's ``Retry-After`` in seconds, when it sent one.
+    ``lost_cause`` names why an answer was lost (``timeout``, ``connection_lost``): a metric
+    label, so a small fixed set.
     """
 
     def __init__(
-        self, reason: str, *, outcome_unknown: bool = False, retry_after: float | None = None
+        self,
+        reason: str,
+        *,
+        outcome_unknown: bool = False,
+        retry_after: float | None = None,
+        lost_cause: str = "connection_lost",
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.outcome_unknown = outcome_unknown
         self.retry_after = retry_after
+        self.lost_cause = lost_cause
 
 
 class CredentialError(SidecarError):

@@ -2,9 +2,8 @@
 
 ``current()`` is the hot path: a dict lookup and a freshness check. A STALE or INVALID token is
 refreshed before it is handed out; ``refresh(failed=...)`` is called when the upstream rejected
-a token. One refresh per account runs at a time ("a flight"): every caller that needs the same
-account meanwhile awaits that flight instead of starting its own. A flight runs as its own
-task, so a request that goes away cannot cancel a refresh halfway through a rotation.
+a token. One refresh per account runs at a time ("a flight", see ``flights``): every caller
+that needs the same account meanwhile awaits that flight instead of starting its own.
 
 Inside a flight: reload the row (another process may have refreshed it), decide again by the
 token that failed, call the token endpoint, persist the new pair (compare-and-swap on the row's
@@ -28,13 +27,14 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any
 
 from aiolimiter import AsyncLimiter
 
 from sidecar.config import CLIENT_CREDENTIALS_ACCOUNT, ProviderConfig
+from sidecar.credentials.backoff import Backoffs
 from sidecar.credentials.codec import seal, unseal
+from sidecar.credentials.flights import Flights
+from sidecar.credentials.lost import LostAnswers
 from sidecar.credentials.notifier import Notifier
 from sidecar.crypto import TokenCipher
 from sidecar.errors import (
@@ -56,15 +56,8 @@ from sidecar.tasks import Tasks
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (provider, account)
 Decide = Callable[[Credential], bool]  # does this freshly reloaded pair need refreshing?
-PROVIDER_TRIP_FAILURES = 3  # failures in a row before every refresh to a provider slows down
 DRAIN_WRITE_SECONDS = 5.0  # at shutdown, time allowed to store a pair after its answer
 STORE_RETRY_AFTER_SECONDS = 2  # Retry-After when an account cannot be read: outages are short
-
-
-@dataclass(slots=True)
-class Backoff:
-    failures: int
-    retry_at: float
 
 
 class CredentialManager:
@@ -85,14 +78,12 @@ class CredentialManager:
         self._providers, self._metrics, self._clock = providers, metrics, clock
         self._tasks, self._rng = tasks, rng or random.Random()
         self._cache: dict[Key, Credential] = {}
-        self._flights: dict[Key, asyncio.Future[Credential]] = {}  # wait for the store lock
-        self._tries: dict[Key, asyncio.Future[Credential | None]] = {}  # background: try it
-        self._backoff: dict[Key, Backoff] = {}
+        self._flights = Flights(tasks, metrics)
+        self._backoffs = Backoffs(providers, clock, self._rng)
         self._unsaved: dict[Key, Credential] = {}  # new pairs whose write failed: never lose them
-        self._lost: dict[Key, int] = {}  # refreshes whose answer was lost, in a row
-        self._provider_backoff: dict[str, Backoff] = {}
-        self._sending: set[Key] = set()  # provider called, new pair not yet stored
-        self._stopping = False
+        self._lost = LostAnswers(providers, metrics, clock)
+        self.recovered: Callable[[str], None] = lambda provider: None  # after a tripped
+        # provider answers again (the background refresher then rescans at once)
         # Shared by on-demand and background refreshes: thousands of refreshes fired at once
         # would time out, and a timed-out rotation loses the new pair.
         self._limits = {
@@ -149,44 +140,28 @@ class CredentialManager:
         account. A flight of this process for the account is joined instead (it may wait).
         """
         key = (provider, account)
-        if key in self._flights:
+        if self._flights.waiting(key):
             return await self._join(key, due)
-        flight = self._tries.get(key)
-        if flight is not None:
-            self._metrics.coalesced.labels(provider).inc()
-        else:
-            flight = self._tasks.spawn(self._try_fly(key, due), name=f"refresh {provider}")
-            self._tries[key] = flight
-            flight.add_done_callback(lambda _: self._tries.pop(key, None))
-        return await asyncio.shield(flight)
+        retry_at = self.retry_at(provider, account)
+        if retry_at is not None and self._clock() < retry_at:  # no store lock, no reload
+            raise TransientGrantError("backing off after an earlier failure")
+        return await self._flights.try_join(key, lambda: self._try_fly(key, due))
 
     def forget(self, provider: str, account: str) -> None:
         """Drop what this process holds for an account after an operator imported,
         re-authorized or deleted it, so the next request reads the store again."""
         key = (provider, account)
-        for held in (self._cache, self._backoff, self._unsaved, self._lost):
+        for held in (self._cache, self._unsaved):
             held.pop(key, None)
+        self._backoffs.forget(provider, account)
+        self._lost.forget(provider, account)
 
     def retry_at(self, provider: str, account: str) -> float | None:
         """When a refresh of this account may next call the provider, if it is backing off."""
-        times = [
-            b.retry_at
-            for b in (self._backoff.get((provider, account)), self._provider_backoff.get(provider))
-            if b
-        ]
-        return max(times) if times else None
+        return self._backoffs.retry_at(provider, account)
 
     async def _join(self, key: Key, decide: Decide) -> Credential:
-        flight = self._flights.get(key)
-        if flight is not None:
-            self._metrics.coalesced.labels(key[0]).inc()
-        else:
-            after = self._tries.get(key)  # at most one flight of this process takes the lock
-            flight = self._tasks.spawn(self._fly(key, decide, after), name=f"refresh {key[0]}")
-            self._flights[key] = flight
-            flight.add_done_callback(lambda _: self._flights.pop(key, None))
-        # Shielded: a caller that goes away must not cancel a rotation halfway.
-        return await asyncio.shield(flight)
+        return await self._flights.join(key, lambda after: self._fly(key, decide, after))
 
     def _fallback(self, key: Key, failed: Token | None, exc: TransientGrantError) -> Token:
         """After a transient failure: keep using an unexpired token the upstream did not reject."""
@@ -229,14 +204,10 @@ class CredentialManager:
                 "check [store] key_file"
             ) from exc
         self._cache[(provider, account)] = cred
-        if row.refresh_attempt_at is not None and (provider, account) not in self._lost:
+        if row.refresh_attempt_at is not None:
             # A refresh was sent and never concluded (a crash, here or in another replica):
             # the provider may have rotated. Retry with the same token; remember why.
-            self._lost[(provider, account)] = 1
-            log.warning(
-                "refresh_outcome_unknown",
-                extra={"provider": provider, "account": account, "sent_at": row.refresh_attempt_at},
-            )
+            self._lost.unconcluded(provider, account, row.refresh_attempt_at)
         return cred
 
     def _is_not_fresh(self, cred: Credential) -> bool:
@@ -283,17 +254,13 @@ class CredentialManager:
             return await self._save(cred, self._unsaved[key])
         async with self._limits[provider]:
             # Checked after the wait for a slot: the provider may have tripped meanwhile.
-            retry_at = self.retry_at(provider, account)
-            if retry_at is not None and self._clock() < retry_at:
-                raise TransientGrantError("backing off after an earlier failure")
-            async with self._rates[provider]:
-                if self._stopping:  # nothing sent yet: leave it to the next process
-                    raise TransientGrantError("the sidecar is stopping")
-                self._sending.add(key)
-                try:
-                    return await self._send(cred)
-                finally:
-                    self._sending.discard(key)
+            probe = await self._backoffs.admit(provider, account)
+            try:
+                async with self._rates[provider]:
+                    with self._flights.sending(key):
+                        return await self._send(cred)
+            finally:
+                self._backoffs.settle(provider, probe)
 
     async def _send(self, cred: Credential) -> Credential:
         """Call the provider and store the new pair: what a shutdown waits for."""
@@ -311,31 +278,12 @@ class CredentialManager:
         return await self._save(cred, fresh)
 
     async def drain(self) -> int:
-        """At shutdown: start no more provider calls, and wait for those already sent until
-        their pairs are stored. Cancelling one instead would lose a rotated refresh token: the
-        provider has rotated, and the next process would present the old one (reuse, and the
-        account is dead). Bounded by the providers' ``timeout_seconds`` plus a store write;
-        returns how many were still unfinished then."""
-        self._stopping = True
-        flights: list[tuple[Key, asyncio.Future[Any]]] = [
-            *self._flights.items(),
-            *self._tries.items(),
-        ]
-        sending = {flight for key, flight in flights if key in self._sending}
-        if not sending:
-            return 0
-        bound = max(p.timeout_seconds for p in self._providers.values()) + DRAIN_WRITE_SECONDS
-        log.info("refreshes_draining", extra={"in_flight": len(sending), "bound_seconds": bound})
-        _, pending = await asyncio.wait(sending, timeout=bound)
-        log.log(
-            logging.WARNING if pending else logging.INFO,
-            "refreshes_drained",
-            extra={"stored": len(sending) - len(pending), "unfinished": len(pending)},
-        )
-        return len(pending)
+        """At shutdown: start no more token requests, and store the answers of those sent
+        (bounded by the providers' ``timeout_seconds`` plus a write); see ``Flights.drain``."""
+        timeout = max((p.timeout_seconds for p in self._providers.values()), default=0.0)
+        return await self._flights.drain(timeout + DRAIN_WRITE_SECONDS)
 
     async def _call_provider(self, cred: Credential) -> Token:
-        key = (cred.provider, cred.account)
         metrics = self._metrics
         start = self._clock()
         try:
@@ -343,9 +291,11 @@ class CredentialManager:
                 token = await self._grants[cred.provider].fetch(cred.token)
         except FatalGrantError as exc:
             metrics.refreshes.labels(cred.provider, "fatal_error").inc()
+            self._answered(cred.provider, cred.account)  # a definite "no": the provider is up
             # After a lost answer, invalid_grant most likely means the provider did rotate:
             # the new pair is gone, and the operator should know why.
-            reason = "refresh_outcome_lost" if self._lost.pop(key, 0) else exc.error
+            lost = self._lost.answered(cred.provider, cred.account)
+            reason = "refresh_outcome_lost" if lost else exc.error
             await self._store.record_refresh_attempt(cred.provider, cred.account, None)
             await self._mark_reauthorization(cred, reason)
             raise ReauthorizationRequired(reason, start) from exc
@@ -356,9 +306,8 @@ class CredentialManager:
             await self._after_transient(cred, exc)
             raise
         metrics.refreshes.labels(cred.provider, "success").inc()
-        for pending in (self._backoff, self._lost):
-            pending.pop(key, None)
-        self._provider_backoff.pop(cred.provider, None)
+        self._lost.answered(cred.provider, cred.account)
+        self._answered(cred.provider, cred.account)
         log.info(
             "token_refreshed",
             extra={
@@ -397,51 +346,15 @@ class CredentialManager:
         return stored
 
     async def _after_transient(self, cred: Credential, exc: TransientGrantError) -> None:
-        """Back off this account, and the whole provider when it keeps failing.
-
-        A lost answer (``outcome_unknown``) is retried later with the same refresh token,
-        never an invented one; after ``lost_refresh_max_attempts`` such losses in a row with
-        the access token expired, the account is given up as ``refresh_outcome_lost``.
-        """
-        key = (cred.provider, cred.account)
-        provider = self._providers[cred.provider]
-        self._back_off(key, exc)
-        trip = self._provider_backoff.get(cred.provider)
-        failures = trip.failures + 1 if trip else 1
-        if failures >= PROVIDER_TRIP_FAILURES:
-            delay = self._delay(provider, failures - PROVIDER_TRIP_FAILURES + 1, None)
-            self._provider_backoff[cred.provider] = Backoff(failures, self._clock() + delay)
-        else:
-            self._provider_backoff[cred.provider] = Backoff(failures, 0.0)
-        if not exc.outcome_unknown:
-            return
-        self._lost[key] = self._lost.get(key, 0) + 1
-        expired = cred.token.state(self._clock(), 0) is TokenState.INVALID
-        if self._lost[key] >= provider.lost_refresh_max_attempts and expired:
-            del self._lost[key]
+        """Back off this account (and the provider when it keeps failing). A lost answer is
+        retried later with the same refresh token; see ``LostAnswers``."""
+        self._backoffs.failed(cred.provider, cred.account, exc)
+        if exc.outcome_unknown and self._lost.lost(cred, exc.lost_cause):
             await self._mark_reauthorization(cred, "refresh_outcome_lost")
 
-    def _delay(self, provider: ProviderConfig, failures: int, floor: float | None) -> float:
-        """Exponential backoff with jitter; a provider's Retry-After is a floor."""
-        ceiling = min(
-            provider.backoff_max_seconds, provider.backoff_initial_seconds * 2 ** (failures - 1)
-        )
-        return max(self._rng.uniform(ceiling / 2, ceiling), floor or 0.0)
-
-    def _back_off(self, key: Key, exc: TransientGrantError) -> None:
-        failures = self._backoff[key].failures + 1 if key in self._backoff else 1
-        delay = self._delay(self._providers[key[0]], failures, exc.retry_after)
-        self._backoff[key] = Backoff(failures, self._clock() + delay)
-        log.warning(
-            "token_refresh_failed",
-            extra={
-                "provider": key[0],
-                "account": key[1],
-                "reason": exc.reason,
-                "outcome_unknown": exc.outcome_unknown,
-                "retry_in_seconds": round(delay, 3),
-            },
-        )
+    def _answered(self, provider: str, account: str) -> None:
+        if self._backoffs.answered(provider, account):  # it was tripped: all may go again
+            self.recovered(provider)
 
     async def _mark_reauthorization(self, cred: Credential, reason: str) -> None:
         now = self._clock()
