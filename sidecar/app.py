@@ -21,7 +21,7 @@ from sidecar.admin import AdminApi
 from sidecar.config import Config, UpstreamConfig
 from sidecar.credentials import CredentialManager
 from sidecar.credentials.accounts import AccountService, make_account_service
-from sidecar.credentials.maintenance import check_keys
+from sidecar.credentials.maintenance import check_keys, reset_client_credentials
 from sidecar.credentials.notifier import Notifier
 from sidecar.credentials.refresher import Refresher
 from sidecar.crypto import TokenCipher
@@ -107,7 +107,7 @@ class Sidecar:
             rng,
             Notifier(token_http, config.notify, tasks) if config.notify else None,
         )
-        await credentials.reset_client_credentials()
+        await reset_client_credentials(store, config.providers, clock())
         refresher = Refresher(store, credentials, providers, clock)
         credentials.recovered = lambda provider: refresher.wake()
         sidecar = cls(

@@ -6,12 +6,15 @@ dropped, new ones refused) and restores, as a restart or a network partition wou
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from sidecar.credentials.codec import unseal
 from sidecar.crypto import TokenCipher
+from sidecar.errors import StoreError
 from tests.conftest import sample, seed
 from tests.relay import Relay
+from tests.test_store_contract import eventually
 
 if TYPE_CHECKING:
     from tests.pg import PgSchema
@@ -81,4 +84,49 @@ async def test_an_uncached_account_with_the_store_away_is_503_token_unavailable(
     await relay.up()
     async with client.get(sidecar.url("api") + "/x", headers={ACCOUNT: "cold-1"}) as resp:
         assert resp.status == 200  # the store is back: the account is read and served
+    await relay.cut()
+
+
+async def test_a_pair_the_store_refused_is_served_and_written_when_the_store_is_back(
+    make_sidecar, idp, api, clock, client, pg_schema: PgSchema
+) -> None:
+    """The provider rotated and answered, then the store went away before the write. The new
+    access token is injected meanwhile (the old one expires), the refresh token is not
+    presented again, and the pair is written as soon as the store is back, with no request."""
+    relay = Relay.before(pg_schema.url)
+    await relay.up()
+    sidecar = await make_sidecar(store={"url": relay.url(pg_schema.url)})
+    seeded = await seed(sidecar, idp, api, clock, expires_in=3600)
+    async with client.get(sidecar.url("api") + "/x") as resp:
+        assert resp.status == 200
+    clock.advance(3600 - 30)  # STALE: the next request refreshes
+    api.valid.add("access-2")
+    idp.gate = asyncio.Event()
+    first = asyncio.ensure_future(client.get(sidecar.url("api") + "/x"))
+    await asyncio.wait_for(idp.arrived.wait(), 10)  # the provider has rotated...
+    await relay.cut()  # ...and the store goes away before the answer is written
+    idp.gate.set()
+    async with await first as resp:
+        assert (resp.status, (await resp.json())["token"]) == (200, "access-2")
+    clock.advance(60)  # the old access token has expired
+    for _ in range(5):
+        async with client.get(sidecar.url("api") + "/x") as resp:
+            assert (resp.status, (await resp.json())["token"]) == (200, "access-2")
+    assert (idp.calls, idp.reuse_detected) == (1, 0)
+
+    await relay.up()
+    cipher = TokenCipher(sidecar.config.store.keys)
+
+    async def written() -> bool:
+        try:
+            row = await sidecar.store.get("example", "main")
+        except StoreError:
+            return False
+        return row is not None and unseal(cipher, row).token.access_token == "access-2"
+
+    await eventually(written, "the pair is written once the store is back", 10)
+    row = await sidecar.store.get("example", "main")
+    assert row is not None and row.refresh_attempt_at is None and row.version == 2
+    assert [r["refresh_token"] for r in idp.requests] == [seeded.refresh_token]
+    assert idp.reuse_detected == 0
     await relay.cut()

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
-from sidecar.errors import TransientGrantError
+from sidecar.errors import DecryptError, StoreError, TransientGrantError
 from sidecar.metrics import Metrics
 from sidecar.model import Credential
 from sidecar.tasks import Tasks
@@ -96,3 +96,15 @@ class Flights:
             extra={"stored": len(sent) - len(pending), "unfinished": len(pending)},
         )
         return len(pending)
+
+
+@contextlib.contextmanager
+def store_unavailable() -> Iterator[None]:
+    """Store down: the refresh fails as transient, and a still-valid cached token keeps being
+    served. A pair that cannot be decrypted is no outage and passes through."""
+    try:
+        yield
+    except DecryptError:
+        raise
+    except StoreError as exc:
+        raise TransientGrantError(f"token store unavailable: {exc}") from exc

@@ -8,10 +8,11 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
+from sidecar.config import CLIENT_CREDENTIALS_ACCOUNT, ProviderConfig
 from sidecar.credentials.codec import seal, unseal
 from sidecar.crypto import TokenCipher
 from sidecar.errors import ConfigError, SidecarError
-from sidecar.model import Credential, Token
+from sidecar.model import AccountState, Credential, Token
 from sidecar.store import TokenStore
 
 
@@ -122,3 +123,14 @@ async def check_keys(store: TokenStore, cipher: TokenCipher) -> int:
             ]
         )
     return sum(in_use.values())
+
+
+async def reset_client_credentials(
+    store: TokenStore, providers: Iterable[ProviderConfig], now: float
+) -> None:
+    """A single-token provider's failure is fixed in config, so a restart clears its mark."""
+    for provider in providers:
+        if provider.single_token:
+            await store.set_state(
+                provider.name, CLIENT_CREDENTIALS_ACCOUNT, AccountState.ACTIVE.value, None, now
+            )

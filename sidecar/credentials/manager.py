@@ -26,14 +26,14 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 
 from aiolimiter import AsyncLimiter
 
 from sidecar.config import CLIENT_CREDENTIALS_ACCOUNT, ProviderConfig
 from sidecar.credentials.backoff import Backoffs
 from sidecar.credentials.codec import seal, unseal
-from sidecar.credentials.flights import Flights
+from sidecar.credentials.flights import Flights, store_unavailable
 from sidecar.credentials.lost import LostAnswers
 from sidecar.credentials.notifier import Notifier
 from sidecar.crypto import TokenCipher
@@ -41,6 +41,7 @@ from sidecar.errors import (
     DecryptError,
     FatalGrantError,
     ReauthorizationRequired,
+    SidecarError,
     StoreError,
     TokenUnavailable,
     TokenUndecryptable,
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (provider, account)
 Decide = Callable[[Credential], bool]  # does this freshly reloaded pair need refreshing?
 DRAIN_WRITE_SECONDS = 5.0  # at shutdown, time allowed to store a pair after its answer
+RESAVE_SECONDS = 1.0  # how often a pair the store refused is written again
 STORE_RETRY_AFTER_SECONDS = 2  # Retry-After when an account cannot be read: outages are short
 
 
@@ -81,6 +83,7 @@ class CredentialManager:
         self._flights = Flights(tasks, metrics)
         self._backoffs = Backoffs(providers, clock, self._rng)
         self._unsaved: dict[Key, Credential] = {}  # new pairs whose write failed: never lose them
+        self._resaving: set[Key] = set()
         self._lost = LostAnswers(providers, metrics, clock)
         self.recovered: Callable[[str], None] = lambda provider: None  # after a tripped
         # provider answers again (the background refresher then rescans at once)
@@ -164,8 +167,10 @@ class CredentialManager:
         return await self._flights.join(key, lambda after: self._fly(key, decide, after))
 
     def _fallback(self, key: Key, failed: Token | None, exc: TransientGrantError) -> Token:
-        """After a transient failure: keep using an unexpired token the upstream did not reject."""
-        cred = self._cache.get(key)
+        """After a transient failure: keep using an unexpired token the upstream did not reject.
+        A pair the provider gave that the store has not taken yet is the newest: its access
+        token is good (only its refresh token must wait for the write)."""
+        cred = self._unsaved.get(key) or self._cache.get(key)
         now = self._clock()
         usable = cred is not None and cred.token.state(now, 0) is not TokenState.INVALID
         if failed is None and cred is not None and usable:
@@ -227,7 +232,7 @@ class CredentialManager:
             if tried is not None and not decide(tried):
                 return tried
         waited = time.perf_counter()
-        with _store_unavailable():
+        with store_unavailable():
             async with self._store.hold(*key):
                 self._metrics.lock_wait.labels(key[0]).observe(time.perf_counter() - waited)
                 return await self._fly_locked(key, decide)
@@ -236,7 +241,7 @@ class CredentialManager:
         """Refresh if the account's lock is free now and ``decide`` still says so; None when
         another process holds the lock. Nothing is recorded for a skip: no backoff, no lost
         outcome, since this process neither read the row under the lock nor called anyone."""
-        with _store_unavailable():
+        with store_unavailable():
             async with self._store.try_hold(*key) as held:
                 if not held:
                     self._metrics.background_skipped.labels(key[0]).inc()
@@ -333,6 +338,7 @@ class CredentialManager:
                 "token_save_failed",
                 extra={"provider": new.provider, "account": new.account, "error": str(exc)},
             )
+            self._resave_soon(key)
             raise TransientGrantError("cannot persist the new token pair") from exc
         del self._unsaved[key]
         if not saved:
@@ -344,6 +350,22 @@ class CredentialManager:
         stored = dataclasses.replace(new, version=old.version + 1)
         self._cache[key] = stored
         return stored
+
+    def _resave_soon(self, key: Key) -> None:
+        if key not in self._resaving:
+            self._resaving.add(key)
+            self._tasks.spawn(self._resave(key), name=f"resave {key[0]}")
+
+    async def _resave(self, key: Key) -> None:
+        """Write a pair the store refused as soon as it is back, under the account's lock: until
+        then another process could present the refresh token that pair replaced."""
+        try:
+            while key in self._unsaved:
+                await asyncio.sleep(RESAVE_SECONDS)
+                with contextlib.suppress(SidecarError):
+                    await self._join(key, lambda cred: key in self._unsaved)
+        finally:
+            self._resaving.discard(key)
 
     async def _after_transient(self, cred: Credential, exc: TransientGrantError) -> None:
         """Back off this account (and the provider when it keeps failing). A lost answer is
@@ -374,23 +396,3 @@ class CredentialManager:
         self._metrics.reauthorizations.labels(cred.provider, reason).inc()
         if self._notifier is not None:
             self._notifier.reauthorization_required(cred.provider, cred.account, reason, now)
-
-    async def reset_client_credentials(self) -> None:
-        """A single-token provider's failure is fixed in config, so a restart clears its mark."""
-        for name, provider in self._providers.items():
-            if provider.single_token:
-                await self._store.set_state(
-                    name, CLIENT_CREDENTIALS_ACCOUNT, AccountState.ACTIVE.value, None, self._clock()
-                )
-
-
-@contextlib.contextmanager
-def _store_unavailable() -> Iterator[None]:
-    """Store down: the refresh fails as transient, and a still-valid cached token keeps being
-    served. A pair that cannot be decrypted is no outage and passes through."""
-    try:
-        yield
-    except DecryptError:
-        raise
-    except StoreError as exc:
-        raise TransientGrantError(f"token store unavailable: {exc}") from exc
