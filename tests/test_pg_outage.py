@@ -130,3 +130,55 @@ async def test_a_pair_the_store_refused_is_served_and_written_when_the_store_is_
     assert [r["refresh_token"] for r in idp.requests] == [seeded.refresh_token]
     assert idp.reuse_detected == 0
     await relay.cut()
+
+
+async def test_a_replica_leaves_the_refresh_token_alone_while_anothers_pair_awaits_its_write(
+    make_sidecar, idp, api, clock, client, pg_schema: PgSchema
+) -> None:
+    """Replica A's refresh reached the provider (rotated), then A lost the store: its lock died
+    with the connection and the new pair is in A's memory only. Replica B, whose store is fine,
+    takes the lock: it must not present the replaced refresh token (no grace period: reuse
+    would kill the account). It waits; A writes the pair when its store is back; B uses it."""
+    relay = Relay.before(pg_schema.url)
+    await relay.up()
+    a = await make_sidecar(store={"url": relay.url(pg_schema.url)})
+    b = await make_sidecar(store={"url": pg_schema.url})
+    seeded = await seed(a, idp, api, clock, expires_in=5)  # STALE: the next request refreshes
+    api.valid.add("access-2")
+    idp.gate = asyncio.Event()
+    first = asyncio.ensure_future(client.get(a.url("api") + "/x"))
+    await asyncio.wait_for(idp.arrived.wait(), 10)
+    await relay.cut()  # A loses the store while the provider's answer is on its way
+    idp.gate.set()
+    async with await first as resp:
+        assert (resp.status, (await resp.json())["token"]) == (200, "access-2")
+    clock.advance(6)  # the seeded access token has expired: B needs a refresh
+
+    failed_with_valid_token = 0
+    for _ in range(3):
+        async with client.get(b.url("api") + "/x") as resp:
+            assert (resp.status, resp.headers["X-Sidecar-Error"]) == (503, "token_unavailable")
+            assert int(resp.headers["Retry-After"]) >= 1
+        failed_with_valid_token += 1  # A holds a valid token B cannot have yet
+    assert [r["refresh_token"] for r in idp.requests] == [seeded.refresh_token]
+
+    await relay.up()  # A writes its pair under the lock within a second
+    cipher = TokenCipher(b.config.store.keys)
+
+    async def written() -> bool:
+        row = await b.store.get("example", "main")
+        return row is not None and unseal(cipher, row).token.access_token == "access-2"
+
+    await eventually(written, "A writes its pair once its store is back", 10)
+    async with client.get(b.url("api") + "/x") as resp:
+        assert (resp.status, (await resp.json())["token"]) == (200, "access-2")
+    presented = [r["refresh_token"] for r in idp.requests]
+    print(
+        f"duplicate presentations {len(presented) - len(set(presented))}, reuse detected "
+        f"{idp.reuse_detected}, accounts lost 0 of 1, requests to B answered 503 while A held "
+        f"a valid token: {failed_with_valid_token}"
+    )
+    assert presented == [seeded.refresh_token] and idp.reuse_detected == 0
+    row = await b.store.get("example", "main")
+    assert row is not None and (row.state, row.refresh_attempt_at) == ("active", None)
+    await relay.cut()

@@ -22,6 +22,7 @@ from sidecar.tasks import Tasks
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (provider, account)
+DRAIN_WRITE_SECONDS = 5.0  # at shutdown, time allowed to store a pair after its answer
 Tried = asyncio.Future[Credential | None]
 StartWaiting = Callable[[Tried | None], Coroutine[Any, Any, Credential]]
 
@@ -73,9 +74,9 @@ class Flights:
         finally:
             self._sending.discard(key)
 
-    async def drain(self, bound: float) -> int:
-        """Start no more token requests; wait (at most ``bound`` seconds) for those sent until
-        their pairs are stored. Returns how many were still unfinished.
+    async def drain(self, call_timeout: float) -> int:
+        """Start no more token requests; wait for those sent until their pairs are stored, at
+        most ``call_timeout`` plus a write. Returns how many were still unfinished.
 
         Cancelling one instead would lose a rotation: the provider has rotated the refresh
         token, and the next process would present the old one (reuse: the account is dead).
@@ -88,6 +89,7 @@ class Flights:
         sent = {flight for key, flight in flights if key in self._sending}
         if not sent:
             return 0
+        bound = call_timeout + DRAIN_WRITE_SECONDS
         log.info("refreshes_draining", extra={"in_flight": len(sent), "bound_seconds": bound})
         _, pending = await asyncio.wait(sent, timeout=bound)
         log.log(

@@ -7,6 +7,13 @@ the account needs re-authorization. Every loss is logged (``token_answer_lost``,
 account and the cause) and counted (``sidecar_token_answers_lost_total``), so an operator can
 tell a lost answer from any other reason an account died.
 
+A refresh recorded as sent by another process (``refresh_attempt_at`` on the row, not ours)
+may have a new pair waiting to be written: its holder lost the store, not the answer. Its
+refresh token is left alone for ``unconcluded_refresh_wait_seconds`` after it was sent, so the
+holder can write the pair when the store is back; only then is it presented again, as a lost
+answer. (A provider with a reuse grace period forgives presenting it sooner: set the wait
+below the grace.)
+
 Causes: ``timeout`` (no answer within ``timeout_seconds``), ``connection_lost`` (the
 connection broke after the request was sent), ``unconcluded_refresh`` (a refresh was recorded
 as sent and never concluded: a process died during it, here or in another replica).
@@ -18,6 +25,7 @@ import logging
 from collections.abc import Mapping
 
 from sidecar.config import ProviderConfig
+from sidecar.errors import TransientGrantError
 from sidecar.metrics import Metrics
 from sidecar.model import Clock, Credential, TokenState
 
@@ -34,6 +42,8 @@ class LostAnswers:
     ) -> None:
         self._providers, self._metrics, self._clock = providers, metrics, clock
         self._lost: dict[Key, int] = {}
+        self._pending: dict[Key, float] = {}  # the stored row's unconcluded refresh: sent at
+        self._own: dict[Key, float] = {}  # refreshes this process recorded as sent
 
     def lost(self, cred: Credential, cause: str) -> bool:
         """Record a lost answer; True when the account is to be given up: after
@@ -47,10 +57,31 @@ class LostAnswers:
             return True
         return False
 
-    def unconcluded(self, provider: str, account: str, sent_at: float) -> None:
-        """A stored row says a refresh was sent and never concluded: count it once."""
+    def seen(self, provider: str, account: str, sent_at: float | None) -> None:
+        """What the stored row says: when a refresh was sent and not concluded (None: none)."""
+        if sent_at is None:
+            self._pending.pop((provider, account), None)
+        else:
+            self._pending[(provider, account)] = sent_at
+
+    def sent(self, provider: str, account: str, at: float) -> None:
+        self._own[(provider, account)] = at
+
+    def check(self, provider: str, account: str) -> None:
+        """Before presenting the refresh token: raise TransientGrantError while another
+        process's unconcluded refresh may still be written by its holder."""
         key = (provider, account)
-        if key not in self._lost:
+        sent_at = self._pending.get(key)
+        if sent_at is None or self._own.get(key) == sent_at:
+            return
+        wait = sent_at + self._providers[provider].unconcluded_refresh_wait_seconds - self._clock()
+        if wait > 0:
+            raise TransientGrantError(
+                "another process's refresh of this account is unconcluded: waiting for its "
+                "pair to be stored",
+                retry_after=wait,
+            )
+        if key not in self._lost:  # its holder is gone: the answer is lost
             self._lost[key] = 1
             self._record(key, UNCONCLUDED, sent_at=sent_at)
 
@@ -59,7 +90,8 @@ class LostAnswers:
         return bool(self._lost.pop((provider, account), 0))
 
     def forget(self, provider: str, account: str) -> None:
-        self._lost.pop((provider, account), None)
+        for held in (self._lost, self._pending, self._own):
+            held.pop((provider, account), None)
 
     def _record(self, key: Key, cause: str, **extra: float) -> None:
         self._metrics.answers_lost.labels(key[0], cause).inc()

@@ -57,7 +57,6 @@ from sidecar.tasks import Tasks
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (provider, account)
 Decide = Callable[[Credential], bool]  # does this freshly reloaded pair need refreshing?
-DRAIN_WRITE_SECONDS = 5.0  # at shutdown, time allowed to store a pair after its answer
 RESAVE_SECONDS = 1.0  # how often a pair the store refused is written again
 STORE_RETRY_AFTER_SECONDS = 2  # Retry-After when an account cannot be read: outages are short
 
@@ -209,10 +208,9 @@ class CredentialManager:
                 "check [store] key_file"
             ) from exc
         self._cache[(provider, account)] = cred
-        if row.refresh_attempt_at is not None:
-            # A refresh was sent and never concluded (a crash, here or in another replica):
-            # the provider may have rotated. Retry with the same token; remember why.
-            self._lost.unconcluded(provider, account, row.refresh_attempt_at)
+        # A refresh sent and never concluded (a crash or a lost store, here or in another
+        # replica): the provider may have rotated. See LostAnswers.check.
+        self._lost.seen(provider, account, row.refresh_attempt_at)
         return cred
 
     def _is_not_fresh(self, cred: Credential) -> bool:
@@ -257,6 +255,7 @@ class CredentialManager:
             return cred
         if key in self._unsaved:
             return await self._save(cred, self._unsaved[key])
+        self._lost.check(provider, account)
         async with self._limits[provider]:
             # Checked after the wait for a slot: the provider may have tripped meanwhile.
             probe = await self._backoffs.admit(provider, account)
@@ -269,7 +268,9 @@ class CredentialManager:
 
     async def _send(self, cred: Credential) -> Credential:
         """Call the provider and store the new pair: what a shutdown waits for."""
-        await self._store.record_refresh_attempt(cred.provider, cred.account, self._clock())
+        sent_at = self._clock()
+        await self._store.record_refresh_attempt(cred.provider, cred.account, sent_at)
+        self._lost.sent(cred.provider, cred.account, sent_at)
         new_token = await self._call_provider(cred)
         fresh = dataclasses.replace(
             cred,
@@ -286,7 +287,7 @@ class CredentialManager:
         """At shutdown: start no more token requests, and store the answers of those sent
         (bounded by the providers' ``timeout_seconds`` plus a write); see ``Flights.drain``."""
         timeout = max((p.timeout_seconds for p in self._providers.values()), default=0.0)
-        return await self._flights.drain(timeout + DRAIN_WRITE_SECONDS)
+        return await self._flights.drain(timeout)
 
     async def _call_provider(self, cred: Credential) -> Token:
         metrics = self._metrics
