@@ -30,7 +30,7 @@ from sidecar.grants import make_grant
 from sidecar.http.client import HttpClient, UpstreamPool
 from sidecar.http.messages import FastHandler, Handler, Request, Response
 from sidecar.http.responses import error_response, json_response
-from sidecar.http.server import Server
+from sidecar.http.server import Limits, Server
 from sidecar.metrics import Metrics
 from sidecar.model import Clock, system_clock
 from sidecar.proxy import UpstreamProxy
@@ -140,6 +140,7 @@ class Sidecar:
         pool = upstream_pool(cfg)
         self._exit.push_async_callback(pool.close)
         proxy = UpstreamProxy(cfg, self.credentials, pool, self.metrics, self.clock)
+        limits = Limits(cfg.client_header_timeout_seconds, cfg.client_body_timeout_seconds)
         await _listen(
             self._exit,
             self._servers,
@@ -149,6 +150,7 @@ class Sidecar:
             cfg.host,
             cfg.port,
             proxy.fast,
+            limits,
         )
 
     def listeners_up(self) -> bool:
@@ -205,9 +207,10 @@ async def _listen(
     host: str,
     port: int,
     fast: FastHandler | None = None,
+    limits: Limits | None = None,
 ) -> None:
     """Bind one listener; a port in use is a ListenError naming the listener and address."""
-    server = Server(handler, asyncio.get_running_loop(), fast)
+    server = Server(handler, asyncio.get_running_loop(), fast, limits)
     servers.append(server)
     exit_stack.push_async_callback(server.close, 0.0)  # after stop()'s drain, or on failure
     try:
@@ -244,6 +247,7 @@ def upstream_pool(cfg: UpstreamConfig) -> UpstreamPool:
         connect_timeout=cfg.connect_timeout_seconds,
         read_timeout=cfg.read_timeout_seconds,
         max_connections=cfg.max_connections,
+        pool_wait=cfg.pool_wait_seconds,
     )
 
 

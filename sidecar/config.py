@@ -160,6 +160,9 @@ class UpstreamConfig:
     retry_statuses: tuple[int, ...] = (401,)
     require_invalid_token_challenge: bool = False
     max_connections: int = 100
+    pool_wait_seconds: float = 5.0
+    client_header_timeout_seconds: float = 60.0
+    client_body_timeout_seconds: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -673,6 +676,9 @@ def _upstream(table: dict[str, Any], path: str, problems: list[str]) -> Upstream
         retry_statuses=tuple(statuses),
         require_invalid_token_challenge=r.get("require_invalid_token_challenge", bool, False),
         max_connections=r.positive("max_connections", int, 100),
+        pool_wait_seconds=r.positive("pool_wait_seconds", float, 5.0),
+        client_header_timeout_seconds=r.positive("client_header_timeout_seconds", float, 60.0),
+        client_body_timeout_seconds=r.positive("client_body_timeout_seconds", float, 60.0),
     )
     if upstream.replay_limit_bytes is not None and upstream.replay_limit_bytes < 0:
         r.problem("replay_limit_bytes", "must be 0 or more")

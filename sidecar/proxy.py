@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from sidecar.config import UpstreamConfig
@@ -19,13 +20,14 @@ from sidecar.errors import CredentialError, ReauthorizationRequired, TokenUnavai
 from sidecar.http.body import BodyStream
 from sidecar.http.client import (
     IDEMPOTENT,
+    PoolBusy,
     RequestBody,
     StaleConnection,
     UpstreamError,
     UpstreamPool,
     UpstreamResponse,
 )
-from sidecar.http.messages import Headers, Request, Responder, Response
+from sidecar.http.messages import Headers, Request, RequestError, Responder, Response
 from sidecar.http.responses import error_response
 from sidecar.metrics import CounterValue, Metrics
 from sidecar.model import Clock, Token
@@ -59,6 +61,31 @@ REQUEST_DROP = HOP_BY_HOP | {
 RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
 _RESPONSE_DROP_LENGTHS = frozenset(len(name) for name in RESPONSE_DROP)
 ENCODED_DOTS = frozenset({"%2e", "%2e%2e", ".%2e", "%2e."})
+# Refused with 405 before anything is sent. TRACE: an upstream that reflects the request
+# (RFC 9110 §9.3.8) would hand the injected token to the app.
+REFUSED_METHODS = {
+    "CONNECT": "the sidecar does not tunnel CONNECT",
+    "TRACE": "TRACE would reflect the injected credential back to the app",
+}
+
+
+class InvalidAccountHeader(ValueError):
+    """X-Sidecar-Account is repeated or empty: which account is meant is ambiguous."""
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One send of a request: the token it carried and the answer's head, or the error."""
+
+    token: Token
+    upstream: UpstreamResponse | None = None
+    error: BaseException | None = None
+
+    def answer(self) -> UpstreamResponse:
+        if self.error is not None:
+            raise self.error
+        assert self.upstream is not None
+        return self.upstream
 
 
 class UpstreamProxy:
@@ -81,18 +108,16 @@ class UpstreamProxy:
         self._request_counters: dict[tuple[str, int], CounterValue] = {}
         self._replay_limit = cfg.replay_limit_bytes
 
-    async def handle(
-        self, request: Request, first: tuple[Token, UpstreamResponse] | None = None
-    ) -> Response:
-        """Answer one request. ``first``: the token already sent and its answer, when the fast
-        path hands over an invalid-token answer to refresh and replay."""
+    async def handle(self, request: Request, first: Attempt | None = None) -> Response:
+        """Answer one request. ``first``: an attempt the fast path made and could not finish
+        (a dead pooled connection, an invalid-token answer, an error); its policy is this one."""
         prepared = self._prepare(request)
         if isinstance(prepared, Response):
             response = prepared
         else:
             try:
                 response = await self._forward(request, *prepared, first)
-            except (CredentialError, TimeoutError, UpstreamError) as exc:
+            except (CredentialError, RequestError, TimeoutError, UpstreamError) as exc:
                 response = self._explain(exc)
         self._count(request.method, response.status)
         return response
@@ -108,13 +133,16 @@ class UpstreamProxy:
 
     def _prepare(self, request: Request) -> tuple[bytes, Headers, str] | Response:
         """Where the request goes, what goes with it, and for which account; or why not."""
-        if request.method == "CONNECT":
-            return self._error(405, "method_not_allowed", "the sidecar does not tunnel CONNECT")
+        if request.method in REFUSED_METHODS:
+            return self._error(405, "method_not_allowed", REFUSED_METHODS[request.method])
         try:
             path = self._base_path + target_path(request.target)
         except ValueError as exc:
             return self._error(400, "invalid_path", str(exc))
-        headers, named = forward_headers(request.headers)
+        try:
+            headers, named = forward_headers(request.headers)
+        except InvalidAccountHeader as exc:
+            return self._error(400, "invalid_account_header", str(exc))
         account = self._credentials.account_for(
             self._cfg.provider, named or self._cfg.default_account
         )
@@ -150,20 +178,13 @@ class UpstreamProxy:
         start = time.perf_counter()
 
         def answered(upstream: UpstreamResponse | None, error: BaseException | None) -> None:
-            if upstream is None:
-                if isinstance(error, StaleConnection):  # nothing came back: send it again
-                    responder.serve(request, self.handle(request))
-                    return
-                assert error is not None
-                response = self._explain(error)
-            else:
-                self._latency.observe(time.perf_counter() - start)
-                if self._rejects_token(upstream):
-                    responder.serve(request, self.handle(request, first=(token, upstream)))
-                    return
-                response = relay(upstream)
-            self._count(request.method, response.status)
-            responder.deliver(request, response)
+            if upstream is None or self._rejects_token(upstream):
+                first = Attempt(token, upstream, error)
+                responder.serve(request, self.handle(request, first))  # the one policy
+                return
+            self._latency.observe(time.perf_counter() - start)
+            self._count(request.method, upstream.status)
+            responder.deliver(request, relay(upstream))
 
         connection.start(request.method, head, answered)
         return True
@@ -172,6 +193,11 @@ class UpstreamProxy:
         """The sidecar's own answer for a failure to forward."""
         if isinstance(exc, CredentialError):
             return self._credential_error(exc)
+        if isinstance(exc, RequestError):  # the app's own request was bad, late or cut off
+            return self._error(exc.status, exc.code, str(exc))
+        if isinstance(exc, PoolBusy):
+            message = f"the upstream's connections are all busy: {exc}"
+            return self._error(503, "upstream_busy", message, headers=[(b"Retry-After", b"1")])
         if isinstance(exc, TimeoutError) and not isinstance(exc, UpstreamError):
             return self._error(504, "upstream_timeout", "the upstream did not answer in time")
         if isinstance(exc, UpstreamError):  # a connect timeout too: nothing was sent
@@ -185,41 +211,38 @@ class UpstreamProxy:
         path: bytes,
         headers: Headers,
         account: str,
-        first: tuple[Token, UpstreamResponse] | None = None,
+        first: Attempt | None,
     ) -> Response:
-        """Send (unless ``first`` holds the token sent and its answer already), retry once."""
-        provider = self._cfg.provider
+        """Send (unless the fast path did), then on an invalid-token answer refresh once and
+        replay once: the second answer goes back as it is."""
         body: RequestBody = None
         replayable = True
         if request.body is not None:
             body, replayable = await read_body(request.body, request.length, self._replay_limit)
-        if first is None:
-            token = self._credentials.fresh(provider, account) or await self._credentials.current(
-                provider, account
-            )
-        else:
-            token = first[0]
-        # Retry once, as an explicit bounded loop: the second answer goes back as it is.
-        for attempt in range(2):
-            if attempt == 0 and first is not None:
-                upstream = first[1]
-            else:
-                upstream = await self._send(request, path, headers, body, token)
-            if attempt == 1 or not self._rejects_token(upstream):
-                break
-            if not replayable:
-                self._metrics.retries.labels(self._cfg.name, "not_replayable").inc()
-                await self._refresh_quietly(account, token)
-                break
-            try:
-                token = await self._credentials.refresh(provider, account, failed=token)
-            except CredentialError:
-                self._metrics.retries.labels(self._cfg.name, "refresh_failed").inc()
-                upstream.release()
-                raise
+        if first is None or isinstance(first.error, StaleConnection):  # (a dead pooled one)
+            token = await self._token(account) if first is None else first.token
+            first = Attempt(token, await self._send(request, path, headers, body, token))
+        upstream = first.answer()
+        if not self._rejects_token(upstream):
+            return relay(upstream)
+        if not replayable:
+            self._metrics.retries.labels(self._cfg.name, "not_replayable").inc()
+            await self._refresh_quietly(account, first.token)
+            return relay(upstream)
+        try:
+            token = await self._credentials.refresh(self._cfg.provider, account, failed=first.token)
+        except CredentialError:
+            self._metrics.retries.labels(self._cfg.name, "refresh_failed").inc()
+            raise
+        finally:
             upstream.release()  # the first answer is dropped before the replay
-            self._metrics.retries.labels(self._cfg.name, "replayed").inc()
-        return relay(upstream)
+        self._metrics.retries.labels(self._cfg.name, "replayed").inc()
+        return relay(await self._send(request, path, headers, body, token))
+
+    async def _token(self, account: str) -> Token:
+        provider = self._cfg.provider
+        fresh = self._credentials.fresh(provider, account)
+        return fresh or await self._credentials.current(provider, account)
 
     async def _send(
         self, request: Request, path: bytes, headers: Headers, body: RequestBody, token: Token
@@ -325,7 +348,11 @@ def _remove_dot_segments(path: str) -> str:
 
 
 def forward_headers(incoming: Headers) -> tuple[Headers, str | None]:
-    """The app's headers minus hop-by-hop fields and its credentials; the account it named."""
+    """The app's headers minus hop-by-hop fields and its credentials; the account it named.
+
+    Raises InvalidAccountHeader for a repeated or empty X-Sidecar-Account: the default account
+    applies only when the header is absent.
+    """
     kept: Headers = []
     account = connection = None
     for name, value in incoming:
@@ -333,7 +360,11 @@ def forward_headers(incoming: Headers) -> tuple[Headers, str | None]:
         if lower not in REQUEST_DROP:
             kept.append((name, value))
         elif lower == b"x-sidecar-account":
-            account = value.decode("latin-1")
+            if account is not None:
+                raise InvalidAccountHeader(f"name one account: {ACCOUNT_HEADER} is repeated")
+            account = value.decode("latin-1").strip(" \t")
+            if not account:
+                raise InvalidAccountHeader(f"{ACCOUNT_HEADER} is empty")
         elif lower == b"connection":
             connection = value if connection is None else connection + b"," + value
     return _without_connection_options(kept, connection), account

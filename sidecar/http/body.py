@@ -122,3 +122,31 @@ class BodyStream:
             self._transport.resume_reading()
         self._paused = False
         self._transport = None
+
+
+class WriteGate:
+    """A transport's write side, paused and resumed by its protocol's flow control callbacks:
+    writers wait at the gate while the peer reads slower than they write."""
+
+    __slots__ = ("_drain", "_loop", "_paused")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._paused = False
+        self._drain: asyncio.Future[None] | None = None
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def resume(self) -> None:
+        """Also called when the connection is lost, so no writer waits forever."""
+        self._paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        self._drain = None
+
+    async def wait(self) -> None:
+        if self._paused:
+            if self._drain is None:
+                self._drain = self._loop.create_future()
+            await self._drain
