@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -20,17 +21,20 @@ from sidecar.admin import AdminApi
 from sidecar.config import Config, UpstreamConfig
 from sidecar.credentials import CredentialManager
 from sidecar.credentials.accounts import AccountService, make_account_service
+from sidecar.credentials.maintenance import check_keys, reset_client_credentials
 from sidecar.credentials.notifier import Notifier
 from sidecar.credentials.refresher import Refresher
 from sidecar.crypto import TokenCipher
+from sidecar.errors import ListenError
 from sidecar.grants import make_grant
 from sidecar.http.client import HttpClient, UpstreamPool
-from sidecar.http.messages import FastHandler, Handler
+from sidecar.http.messages import FastHandler, Handler, Request, Response
+from sidecar.http.responses import error_response, json_response
 from sidecar.http.server import Limits, Server
 from sidecar.metrics import Metrics
 from sidecar.model import Clock, system_clock
 from sidecar.proxy import UpstreamProxy
-from sidecar.store import TokenStore, open_store
+from sidecar.store import TokenStore, open_store, open_store_patiently
 from sidecar.tasks import Tasks
 
 log = logging.getLogger(__name__)
@@ -47,6 +51,7 @@ class Sidecar:
     addresses: dict[str, tuple[str, int]] = field(default_factory=dict)  # listener -> address
     _exit: AsyncExitStack = field(default_factory=AsyncExitStack)
     _servers: list[Server] = field(default_factory=list)
+    _background: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(
@@ -73,8 +78,18 @@ class Sidecar:
         rng: random.Random | None,
         exit_stack: AsyncExitStack,
     ) -> Sidecar:
-        store = await open_store(config.store.url)
+        # The admin listener comes first, so probes get an answer while the store is awaited:
+        # alive, not ready.
+        admin_handler = _Switch(_starting)
+        servers: list[Server] = []
+        addresses: dict[str, tuple[str, int]] = {}
+        admin = config.admin
+        await _listen(
+            exit_stack, servers, addresses, "admin", admin_handler, admin.host, admin.port
+        )
+        store = await open_store_patiently(config.store.url, config.store.connect_retry_seconds)
         exit_stack.push_async_callback(store.close)
+        await check_keys(store, TokenCipher(config.store.keys))  # refuse a wrong key file
         token_http = HttpClient()
         exit_stack.push_async_callback(token_http.close)
         tasks = Tasks()  # closed first: refreshes stop before the HTTP client and store go
@@ -92,11 +107,14 @@ class Sidecar:
             rng,
             Notifier(token_http, config.notify, tasks) if config.notify else None,
         )
-        await credentials.reset_client_credentials()
+        await reset_client_credentials(store, config.providers, clock())
         refresher = Refresher(store, credentials, providers, clock)
+        credentials.recovered = lambda provider: refresher.wake()
+        sidecar = cls(
+            config, store, credentials, metrics, clock, refresher, addresses, exit_stack, servers
+        )
         if config.background_refresh:
-            tasks.spawn(refresher.run(), name="background refresher")
-        sidecar = cls(config, store, credentials, metrics, clock, refresher, _exit=exit_stack)
+            sidecar._background = tasks.spawn(refresher.run(), name="background refresher")
         for upstream in config.upstreams:
             await sidecar._listen_upstream(upstream)
         accounts = make_account_service(
@@ -108,15 +126,14 @@ class Sidecar:
             clock,
             changed=_on_account_change(credentials, refresher),
         )
-        admin = AdminApi(
+        admin_handler.handler = AdminApi(
             store,
             metrics,
             tuple(p.name for p in config.providers),
             sidecar.listeners_up,
             accounts,
             config.admin.token,
-        )
-        await sidecar._listen("admin", admin.handle, config.admin.host, config.admin.port)
+        ).handle
         return sidecar
 
     async def _listen_upstream(self, cfg: UpstreamConfig) -> None:
@@ -124,21 +141,17 @@ class Sidecar:
         self._exit.push_async_callback(pool.close)
         proxy = UpstreamProxy(cfg, self.credentials, pool, self.metrics, self.clock)
         limits = Limits(cfg.client_header_timeout_seconds, cfg.client_body_timeout_seconds)
-        await self._listen(cfg.name, proxy.handle, cfg.host, cfg.port, proxy.fast, limits)
-
-    async def _listen(
-        self,
-        name: str,
-        handler: Handler,
-        host: str,
-        port: int,
-        fast: FastHandler | None = None,
-        limits: Limits | None = None,
-    ) -> None:
-        server = Server(handler, asyncio.get_running_loop(), fast, limits)
-        self._servers.append(server)
-        self.addresses[name] = await server.listen(host, port)
-        log.info("listening", extra={"listener": name, "port": self.addresses[name][1]})
+        await _listen(
+            self._exit,
+            self._servers,
+            self.addresses,
+            cfg.name,
+            proxy.handle,
+            cfg.host,
+            cfg.port,
+            proxy.fast,
+            limits,
+        )
 
     def listeners_up(self) -> bool:
         return len(self.addresses) == len(self.config.upstreams) + 1
@@ -148,11 +161,15 @@ class Sidecar:
         return f"http://{host}:{port}"
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (bounded), then release everything."""
+        """Stop refreshing ahead and accepting, let in-flight requests finish (bounded), store
+        the answers of token calls already sent, then release everything."""
+        if self._background is not None:
+            self._background.cancel()  # its refreshes in progress are shielded: drained below
         grace = self.config.shutdown_timeout_seconds
         await asyncio.gather(*(server.close(grace) for server in self._servers))
         self._servers.clear()
         self.addresses.clear()
+        await self.credentials.drain()
         await self._exit.aclose()
 
 
@@ -179,6 +196,48 @@ async def open_accounts(
             store, cipher, grants, providers, Metrics(), clock, tasks, None
         )
         yield make_account_service(config.providers, store, cipher, http, credentials, clock)
+
+
+async def _listen(
+    exit_stack: AsyncExitStack,
+    servers: list[Server],
+    addresses: dict[str, tuple[str, int]],
+    name: str,
+    handler: Handler,
+    host: str,
+    port: int,
+    fast: FastHandler | None = None,
+    limits: Limits | None = None,
+) -> None:
+    """Bind one listener; a port in use is a ListenError naming the listener and address."""
+    server = Server(handler, asyncio.get_running_loop(), fast, limits)
+    servers.append(server)
+    exit_stack.push_async_callback(server.close, 0.0)  # after stop()'s drain, or on failure
+    try:
+        addresses[name] = await server.listen(host, port)
+    except OSError as exc:
+        # asyncio's message repeats the address; the errno's text is the reason.
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ListenError(name, host, port, reason.lower()) from None
+    log.info("listening", extra={"listener": name, "port": addresses[name][1]})
+
+
+class _Switch:
+    """A listener's handler that can be replaced once what it needs exists."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+
+    async def __call__(self, request: Request) -> Response:
+        return await self.handler(request)
+
+
+async def _starting(request: Request) -> Response:
+    """The admin listener before the admin API exists: alive (so a liveness probe does not
+    restart a pod that waits for its database), not ready, and nothing else yet."""
+    if request.target.partition(b"?")[0] == b"/healthz":
+        return json_response({"status": "starting"})
+    return error_response(503, "not_ready", "starting: waiting for the token store")
 
 
 def upstream_pool(cfg: UpstreamConfig) -> UpstreamPool:

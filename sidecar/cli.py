@@ -20,6 +20,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import TextIO, TypeVar
 
 from sidecar import config as config_module
@@ -27,11 +28,19 @@ from sidecar import logs
 from sidecar.app import Sidecar, open_accounts
 from sidecar.config import Config
 from sidecar.credentials.accounts import AccountService, InvalidInput, ListQuery
-from sidecar.credentials.maintenance import BadImport, import_credentials, parse_import, rotate_keys
+from sidecar.credentials.maintenance import (
+    BadImport,
+    check_keys,
+    import_credentials,
+    parse_import,
+    rotate_keys,
+)
 from sidecar.crypto import TokenCipher, generate_key
-from sidecar.errors import ConfigError, SidecarError
+from sidecar.errors import ConfigError, ListenError, SidecarError, StoreError
 from sidecar.model import AccountState
 from sidecar.store import open_store
+from sidecar.store.sqlite import sqlite_path
+from sidecar.tasks import Tasks
 
 log = logging.getLogger("sidecar")
 
@@ -45,6 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except ConfigError as exc:
         _print_problems(exc.problems, sys.stderr)
+        return EXIT_USAGE
+    except ListenError as exc:  # a port in use is the operator's to fix, like a bad config
+        print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except InvalidInput as exc:
         print(f"{len(exc.problems)} problem(s):", file=sys.stderr)
@@ -146,8 +158,30 @@ def _print_problems(problems: list[str], out: TextIO) -> None:
 
 def _check_config(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    print(f"ok: {len(cfg.providers)} provider(s), {len(cfg.upstreams)} upstream(s)")
+    url = cfg.store.url
+    if url.startswith("sqlite://") and not Path(sqlite_path(url)).exists():
+        store = "the store is empty (no database file yet)"  # not created by a check
+    else:
+        store = asyncio.run(_check_store(cfg))
+    print(f"ok: {len(cfg.providers)} provider(s), {len(cfg.upstreams)} upstream(s); {store}")
     return EXIT_OK
+
+
+async def _check_store(cfg: Config) -> str:
+    """Whether the key file decrypts what the store holds (ConfigError when it cannot).
+
+    A store that cannot be reached is reported, not refused: the file may be checked where the
+    database is not reachable, and ``run`` checks again at start.
+    """
+    try:
+        store = await open_store(cfg.store.url)
+    except StoreError as exc:
+        return f"the store's keys were not checked: {exc}"
+    try:
+        rows = await check_keys(store, TokenCipher(cfg.store.keys))
+    finally:
+        await store.close()
+    return f"the configured keys decrypt all {rows} stored row(s)"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -165,13 +199,29 @@ async def _serve(cfg: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    sidecar = await Sidecar.start(cfg)
+    sidecar = await _start_unless_stopped(cfg, stop)
+    if sidecar is None:
+        log.info("stopped", extra={"before_ready": True})
+        return EXIT_OK
     log.info("ready", extra={"listeners": sidecar.addresses})
     await stop.wait()
     log.info("stopping", extra={"grace_seconds": cfg.shutdown_timeout_seconds})
     await sidecar.stop()
     log.info("stopped")
     return EXIT_OK
+
+
+async def _start_unless_stopped(cfg: Config, stop: asyncio.Event) -> Sidecar | None:
+    """Start, unless a signal comes first: start-up may wait a minute for the store, and a
+    pod deleted meanwhile must not wait for that. None when stopped before ready."""
+    tasks = Tasks()
+    starting = tasks.spawn(Sidecar.start(cfg), name="start")
+    signalled = tasks.spawn(stop.wait(), name="stop signal")
+    try:
+        await asyncio.wait({starting, signalled}, return_when=asyncio.FIRST_COMPLETED)
+        return starting.result() if starting.done() else None
+    finally:
+        await tasks.close()  # cancels what is still running; a cancelled start cleans up
 
 
 def _load_for_provider(args: argparse.Namespace) -> Config:

@@ -69,6 +69,7 @@ class StoreConfig:
     url: str = field(repr=False)  # may carry a database password
     key_file: str
     keys: tuple[bytes, ...] = field(repr=False)  # 32-byte AES keys; the first one encrypts
+    connect_retry_seconds: float = 60.0  # keep trying an unreachable store this long at start
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,8 @@ class ProviderConfig:
     refresh_jitter_fraction: float = 0.1
     refresh_token_lifetime_seconds: float | None = None  # keepalive: refresh before it lapses
     lost_refresh_max_attempts: int = 8
+    recovery_probe_seconds: float = 5.0  # while the provider fails: one call this often
+    unconcluded_refresh_wait_seconds: float = 30.0  # another process's refresh: its pair first
 
     @property
     def single_token(self) -> bool:
@@ -303,8 +306,9 @@ def _store(table: dict[str, Any], problems: list[str], base_dir: Path) -> StoreC
     keys: tuple[bytes, ...] = ()
     if key_file:
         keys = _read_keys(_resolve(key_file, base_dir), r)
+    retry = _seconds(r, "connect_retry_seconds", 60.0)
     r.finish()
-    return StoreConfig(url, key_file, keys)
+    return StoreConfig(url, key_file, keys, retry)
 
 
 def _read_keys(path: Path, r: _Reader) -> tuple[bytes, ...]:
@@ -482,9 +486,19 @@ def _provider(
         refresh_jitter_fraction=_fraction(r, "refresh_jitter_fraction", 0.1),
         refresh_token_lifetime_seconds=r.positive("refresh_token_lifetime_seconds", float, None),
         lost_refresh_max_attempts=r.positive("lost_refresh_max_attempts", int, 8),
+        recovery_probe_seconds=r.positive("recovery_probe_seconds", float, 5.0),
+        unconcluded_refresh_wait_seconds=_seconds(r, "unconcluded_refresh_wait_seconds", 30.0),
     )
     r.finish()
     return provider
+
+
+def _seconds(r: _Reader, name: str, default: float) -> float:
+    """A duration that may be 0."""
+    value = r.get(name, float, default)
+    if value < 0:
+        r.problem(name, f"must be 0 or more, got {value!r}")
+    return value
 
 
 def _fraction(r: _Reader, name: str, default: float) -> float:

@@ -48,6 +48,11 @@ class TokenCipher:
         self._keys = {key_id(k): AESGCM(k) for k in keys}
         self.current_key_id = key_id(keys[0])
 
+    @property
+    def key_ids(self) -> frozenset[str]:
+        """The ids of every configured key: rows sealed with any other id cannot be read."""
+        return frozenset(self._keys)
+
     def encrypt(self, plaintext: bytes, provider: str, account: str) -> tuple[str, bytes]:
         nonce = os.urandom(NONCE_BYTES)
         aead = self._keys[self.current_key_id]

@@ -4,8 +4,10 @@
 
     SidecarError
      +-- ConfigError                 bad configuration; carries every problem found
+     +-- ListenError                 a listener cannot take its address (in use, not ours)
      +-- StoreError                  the token store failed (I/O, schema, lost update)
      |    +-- DecryptError           a stored row does not decrypt with any configured key
+     |    +-- StoreUnreachable       cannot connect to the store at all (worth retrying at start)
      +-- GrantError                  the token endpoint did not give us a token
      |    +-- FatalGrantError        the grant is dead (invalid_grant, invalid_client, ...):
      |    |                          mark the account, never retry by ourselves
@@ -13,7 +15,9 @@
      +-- CredentialError             a request cannot get a token right now
           +-- UnknownAccount         no such account for this provider
           +-- ReauthorizationRequired  the account's grant is dead until an operator acts
-          +-- TokenUnavailable       no valid token and refreshing failed transiently
+          +-- TokenUnavailable       no valid token and refreshing (or the store) failed
+          |                          transiently
+          +-- TokenUndecryptable     the stored pair does not decrypt with the configured keys
 
 ``CredentialError`` subclasses carry the ``code`` the proxy puts in ``X-Sidecar-Error``.
 """
@@ -33,12 +37,24 @@ class ConfigError(SidecarError):
         self.problems = problems
 
 
+class ListenError(SidecarError):
+    """A listener cannot bind its address. Fatal at start: one line for the operator."""
+
+    def __init__(self, listener: str, host: str, port: int, reason: str) -> None:
+        super().__init__(f"cannot listen on {host}:{port} for the {listener} listener: {reason}")
+
+
 class StoreError(SidecarError):
     """The token store could not do what was asked."""
 
 
 class DecryptError(StoreError):
     """A stored row does not decrypt: wrong key, tampered data, or copied to another account."""
+
+
+class StoreUnreachable(StoreError):
+    """No connection to the store could be made: at start this may pass (a database pod
+    starting beside ours), unlike a schema or permission problem."""
 
 
 class GrantError(SidecarError):
@@ -60,15 +76,23 @@ class TransientGrantError(GrantError):
     ``outcome_unknown`` is true when the request may have reached the provider but the answer
     was lost: the provider may already have rotated the refresh token.
     ``retry_after`` is the provider's ``Retry-After`` in seconds, when it sent one.
+    ``lost_cause`` names why an answer was lost (``timeout``, ``connection_lost``): a metric
+    label, so a small fixed set.
     """
 
     def __init__(
-        self, reason: str, *, outcome_unknown: bool = False, retry_after: float | None = None
+        self,
+        reason: str,
+        *,
+        outcome_unknown: bool = False,
+        retry_after: float | None = None,
+        lost_cause: str = "connection_lost",
     ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.outcome_unknown = outcome_unknown
         self.retry_after = retry_after
+        self.lost_cause = lost_cause
 
 
 class CredentialError(SidecarError):
@@ -97,6 +121,17 @@ class TokenUnavailable(CredentialError):
     code = "token_unavailable"
     status = 503
 
-    def __init__(self, retry_after: int) -> None:
-        super().__init__("no valid access token; refreshing failed, will retry")
+    def __init__(
+        self,
+        retry_after: int,
+        message: str = "no valid access token; refreshing failed, will retry",
+    ) -> None:
+        super().__init__(message)
         self.retry_after = retry_after
+
+
+class TokenUndecryptable(CredentialError):
+    """A configuration fault, not a bug: the key that sealed the row is not configured."""
+
+    code = "token_undecryptable"
+    status = 503

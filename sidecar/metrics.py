@@ -91,6 +91,13 @@ class Metrics:
             ["provider", "reason"],
             registry=r,
         )
+        self.answers_lost = Counter(
+            "sidecar_token_answers_lost",
+            "Token requests sent whose answer never came back (timeout, connection_lost, "
+            "unconcluded_refresh): the provider may have rotated the refresh token.",
+            ["provider", "cause"],
+            registry=r,
+        )
         self.accounts = Gauge(
             "sidecar_accounts",
             "Accounts by provider and state.",

@@ -46,6 +46,12 @@ class FakeTokenEndpoint:
     script: list[Callable[[], web.StreamResponse]] = field(default_factory=list)
     gate: asyncio.Event | None = None
     drop_answers: int = 0  # process (and rotate) this many requests, then cut the connection
+    # Reuse grace (DOT's REFRESH_TOKEN_GRACE_PERIOD_SECONDS, Okta's grace period, Auth0's reuse
+    # interval): a rotated-away refresh token presented again this soon gets its answer again.
+    grace_seconds: float = 0.0
+    clock: Callable[[], float] | None = None
+    answers: dict[str, tuple[float, dict[str, object]]] = field(default_factory=dict)
+    grace_answers: int = 0
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     in_flight: int = 0
     max_in_flight: int = 0
@@ -94,6 +100,9 @@ class FakeTokenEndpoint:
         body: dict[str, object] = {"token_type": "Bearer"}
         if grant == "refresh_token":
             presented = str(form.get("refresh_token"))
+            if presented in self.answers and self._within_grace(presented):
+                self.grace_answers += 1
+                return web.json_response(self.answers[presented][1])
             if presented in self.rotated_away:
                 self.reuse_detected += 1
                 self.valid_refresh.clear()  # reuse detection: the whole family is revoked
@@ -114,7 +123,13 @@ class FakeTokenEndpoint:
         self.issued_access.append(f"access-{n}")
         if self.expires_in is not None:
             body["expires_in"] = self.expires_in
+        if grant == "refresh_token" and self.rotate and self.clock is not None:
+            self.answers[str(form.get("refresh_token"))] = (self.clock(), body)
         return web.json_response(body)
+
+    def _within_grace(self, presented: str) -> bool:
+        assert self.clock is not None
+        return self.clock() - self.answers[presented][0] <= self.grace_seconds
 
 
 def oauth_error(error: str, description: str = "", status: int = 400) -> web.Response:

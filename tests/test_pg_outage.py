@@ -8,69 +8,27 @@ from __future__ import annotations
 
 import asyncio
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 from sidecar.credentials.codec import unseal
 from sidecar.crypto import TokenCipher
-from tests.conftest import seed
+from sidecar.errors import StoreError
+from tests.conftest import sample, seed
+from tests.relay import Relay
+from tests.test_store_contract import eventually
 
 if TYPE_CHECKING:
     from tests.pg import PgSchema
 
 pytest_plugins = ("tests.pg",)
-
-
-class Relay:
-    """127.0.0.1:<port> -> the PostgreSQL server, until cut."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.server: asyncio.Server | None = None
-        self.port = 0
-        self.links: set[asyncio.StreamWriter] = set()
-
-    async def up(self) -> None:
-        self.server = await asyncio.start_server(self._link, "127.0.0.1", self.port)
-        self.port = self.server.sockets[0].getsockname()[1]
-
-    async def cut(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        await self.server.wait_closed()
-        for writer in list(self.links):
-            writer.transport.abort()
-        self.links.clear()
-
-    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-        self.links |= {writer, up_writer}
-        try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-        finally:
-            for w in (writer, up_writer):
-                self.links.discard(w)
-                w.close()
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    try:
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        writer.close()
+ACCOUNT = "X-Sidecar-Account"
 
 
 async def test_requests_flow_through_a_postgres_outage_and_the_refresh_resumes(
     make_sidecar, idp, api, clock, client, pg_schema: PgSchema
 ) -> None:
-    server = urlsplit(pg_schema.url)
-    relay = Relay(server.hostname or "127.0.0.1", server.port or 5432)
+    relay = Relay.before(pg_schema.url)
     await relay.up()
-    url = pg_schema.url.replace(server.netloc, f"{server.username}@127.0.0.1:{relay.port}")
-    sidecar = await make_sidecar(store={"url": url})
+    sidecar = await make_sidecar(store={"url": relay.url(pg_schema.url)})
     seeded = await seed(sidecar, idp, api, clock, expires_in=3600)
     async with client.get(sidecar.url("api") + "/x") as resp:
         assert resp.status == 200  # the pair is cached now
@@ -96,4 +54,131 @@ async def test_requests_flow_through_a_postgres_outage_and_the_refresh_resumes(
     row = await sidecar.store.get("example", "main")
     assert row is not None and row.version == 2
     assert unseal(TokenCipher(sidecar.config.store.keys), row).token.access_token == "access-2"
+    await relay.cut()
+
+
+async def test_an_uncached_account_with_the_store_away_is_503_token_unavailable(
+    make_sidecar, idp, api, clock, client, pg_schema: PgSchema
+) -> None:
+    """A ready replica whose store went away cannot read an account it has not cached yet:
+    the app gets 503 token_unavailable with Retry-After (it may pass), never a 500."""
+    relay = Relay.before(pg_schema.url)
+    await relay.up()
+    sidecar = await make_sidecar(store={"url": relay.url(pg_schema.url)})
+    for account in ("cached", "cold-1", "cold-2"):
+        await seed(sidecar, idp, api, clock, account=account)
+    async with client.get(sidecar.url("api") + "/x", headers={ACCOUNT: "cached"}) as resp:
+        assert resp.status == 200
+
+    await relay.cut()
+    for account in ("cold-1", "cold-2"):
+        async with client.get(sidecar.url("api") + "/x", headers={ACCOUNT: account}) as resp:
+            assert resp.status == 503
+            assert resp.headers["X-Sidecar-Error"] == "token_unavailable"
+            assert int(resp.headers["Retry-After"]) >= 1
+            assert (await resp.json())["error"] == "token_unavailable"
+    async with client.get(sidecar.url("api") + "/x", headers={ACCOUNT: "cached"}) as resp:
+        assert resp.status == 200  # a cached, valid token needs no store
+    assert sample(sidecar, "sidecar_errors_total", upstream="api", code="internal_error") == 0
+
+    await relay.up()
+    async with client.get(sidecar.url("api") + "/x", headers={ACCOUNT: "cold-1"}) as resp:
+        assert resp.status == 200  # the store is back: the account is read and served
+    await relay.cut()
+
+
+async def test_a_pair_the_store_refused_is_served_and_written_when_the_store_is_back(
+    make_sidecar, idp, api, clock, client, pg_schema: PgSchema
+) -> None:
+    """The provider rotated and answered, then the store went away before the write. The new
+    access token is injected meanwhile (the old one expires), the refresh token is not
+    presented again, and the pair is written as soon as the store is back, with no request."""
+    relay = Relay.before(pg_schema.url)
+    await relay.up()
+    sidecar = await make_sidecar(store={"url": relay.url(pg_schema.url)})
+    seeded = await seed(sidecar, idp, api, clock, expires_in=3600)
+    async with client.get(sidecar.url("api") + "/x") as resp:
+        assert resp.status == 200
+    clock.advance(3600 - 30)  # STALE: the next request refreshes
+    api.valid.add("access-2")
+    idp.gate = asyncio.Event()
+    first = asyncio.ensure_future(client.get(sidecar.url("api") + "/x"))
+    await asyncio.wait_for(idp.arrived.wait(), 10)  # the provider has rotated...
+    await relay.cut()  # ...and the store goes away before the answer is written
+    idp.gate.set()
+    async with await first as resp:
+        assert (resp.status, (await resp.json())["token"]) == (200, "access-2")
+    clock.advance(60)  # the old access token has expired
+    for _ in range(5):
+        async with client.get(sidecar.url("api") + "/x") as resp:
+            assert (resp.status, (await resp.json())["token"]) == (200, "access-2")
+    assert (idp.calls, idp.reuse_detected) == (1, 0)
+
+    await relay.up()
+    cipher = TokenCipher(sidecar.config.store.keys)
+
+    async def written() -> bool:
+        try:
+            row = await sidecar.store.get("example", "main")
+        except StoreError:
+            return False
+        return row is not None and unseal(cipher, row).token.access_token == "access-2"
+
+    await eventually(written, "the pair is written once the store is back", 10)
+    row = await sidecar.store.get("example", "main")
+    assert row is not None and row.refresh_attempt_at is None and row.version == 2
+    assert [r["refresh_token"] for r in idp.requests] == [seeded.refresh_token]
+    assert idp.reuse_detected == 0
+    await relay.cut()
+
+
+async def test_a_replica_leaves_the_refresh_token_alone_while_anothers_pair_awaits_its_write(
+    make_sidecar, idp, api, clock, client, pg_schema: PgSchema
+) -> None:
+    """Replica A's refresh reached the provider (rotated), then A lost the store: its lock died
+    with the connection and the new pair is in A's memory only. Replica B, whose store is fine,
+    takes the lock: it must not present the replaced refresh token (no grace period: reuse
+    would kill the account). It waits; A writes the pair when its store is back; B uses it."""
+    relay = Relay.before(pg_schema.url)
+    await relay.up()
+    a = await make_sidecar(store={"url": relay.url(pg_schema.url)})
+    b = await make_sidecar(store={"url": pg_schema.url})
+    seeded = await seed(a, idp, api, clock, expires_in=5)  # STALE: the next request refreshes
+    api.valid.add("access-2")
+    idp.gate = asyncio.Event()
+    first = asyncio.ensure_future(client.get(a.url("api") + "/x"))
+    await asyncio.wait_for(idp.arrived.wait(), 10)
+    await relay.cut()  # A loses the store while the provider's answer is on its way
+    idp.gate.set()
+    async with await first as resp:
+        assert (resp.status, (await resp.json())["token"]) == (200, "access-2")
+    clock.advance(6)  # the seeded access token has expired: B needs a refresh
+
+    failed_with_valid_token = 0
+    for _ in range(3):
+        async with client.get(b.url("api") + "/x") as resp:
+            assert (resp.status, resp.headers["X-Sidecar-Error"]) == (503, "token_unavailable")
+            assert int(resp.headers["Retry-After"]) >= 1
+        failed_with_valid_token += 1  # A holds a valid token B cannot have yet
+    assert [r["refresh_token"] for r in idp.requests] == [seeded.refresh_token]
+
+    await relay.up()  # A writes its pair under the lock within a second
+    cipher = TokenCipher(b.config.store.keys)
+
+    async def written() -> bool:
+        row = await b.store.get("example", "main")
+        return row is not None and unseal(cipher, row).token.access_token == "access-2"
+
+    await eventually(written, "A writes its pair once its store is back", 10)
+    async with client.get(b.url("api") + "/x") as resp:
+        assert (resp.status, (await resp.json())["token"]) == (200, "access-2")
+    presented = [r["refresh_token"] for r in idp.requests]
+    print(
+        f"duplicate presentations {len(presented) - len(set(presented))}, reuse detected "
+        f"{idp.reuse_detected}, accounts lost 0 of 1, requests to B answered 503 while A held "
+        f"a valid token: {failed_with_valid_token}"
+    )
+    assert presented == [seeded.refresh_token] and idp.reuse_detected == 0
+    row = await b.store.get("example", "main")
+    assert row is not None and (row.state, row.refresh_attempt_at) == ("active", None)
     await relay.cut()

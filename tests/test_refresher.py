@@ -192,7 +192,8 @@ async def test_refresh_interrupted_by_a_crash_is_visible_after_restart(
     api,
     clock,
 ) -> None:
-    first = await make_sidecar()
+    # A shutdown waits for a refresh in flight for no longer than the provider's timeout.
+    first = await make_sidecar(provider={"timeout_seconds": 0.5})
     seeded = await seed(first, idp, api, clock, expires_in=30)
     clock.advance(25)
     idp.gate = asyncio.Event()  # the provider receives the refresh...
@@ -209,6 +210,9 @@ async def test_refresh_interrupted_by_a_crash_is_visible_after_restart(
     second = await make_sidecar()  # restart on the same database
     row = await second.store.get("example", "main")
     assert row is not None and row.refresh_attempt_at is not None
+    await second.refresher.run_once()  # its holder may still write a pair: left alone
+    assert len(idp.requests) == 1
+    clock.advance(30)  # unconcluded_refresh_wait_seconds: the holder is gone
     await second.refresher.run_once()
     assert [r["refresh_token"] for r in idp.requests] == [seeded.refresh_token] * 2
     row = await second.store.get("example", "main")

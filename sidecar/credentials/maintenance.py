@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
+from sidecar.config import CLIENT_CREDENTIALS_ACCOUNT, ProviderConfig
 from sidecar.credentials.codec import seal, unseal
 from sidecar.crypto import TokenCipher
-from sidecar.errors import SidecarError
-from sidecar.model import Credential, Token
+from sidecar.errors import ConfigError, SidecarError
+from sidecar.model import AccountState, Credential, Token
 from sidecar.store import TokenStore
 
 
@@ -99,3 +101,36 @@ async def rotate_keys(store: TokenStore, cipher: TokenCipher) -> int:
         if await store.compare_and_swap(resealed, row.version):
             changed += 1
     return changed
+
+
+async def check_keys(store: TokenStore, cipher: TokenCipher) -> int:
+    """Refuse a key file that cannot decrypt what the store holds; return the rows checked.
+
+    Each row names the key that sealed it, and a key id is derived from the key itself, so
+    comparing ids finds a wrong or incomplete key file before any request fails on it.
+    """
+    in_use = Counter(row.key_id for row in await store.rows())
+    missing = sorted(set(in_use) - cipher.key_ids)
+    if missing:
+        found = ", ".join(
+            f"{kid} ({in_use[kid]} row{'s' if in_use[kid] > 1 else ''})" for kid in sorted(in_use)
+        )
+        raise ConfigError(
+            [
+                f"store.key_file: the store holds rows no configured key can decrypt "
+                f"(key id(s) in use: {found}; configured: {', '.join(sorted(cipher.key_ids))}; "
+                f"missing: {', '.join(missing)}): add the missing key(s) to the key file"
+            ]
+        )
+    return sum(in_use.values())
+
+
+async def reset_client_credentials(
+    store: TokenStore, providers: Iterable[ProviderConfig], now: float
+) -> None:
+    """A single-token provider's failure is fixed in config, so a restart clears its mark."""
+    for provider in providers:
+        if provider.single_token:
+            await store.set_state(
+                provider.name, CLIENT_CREDENTIALS_ACCOUNT, AccountState.ACTIVE.value, None, now
+            )

@@ -2,9 +2,8 @@
 
 ``current()`` is the hot path: a dict lookup and a freshness check. A STALE or INVALID token is
 refreshed before it is handed out; ``refresh(failed=...)`` is called when the upstream rejected
-a token. One refresh per account runs at a time ("a flight"): every caller that needs the same
-account meanwhile awaits that flight instead of starting its own. A flight runs as its own
-task, so a request that goes away cannot cancel a refresh halfway through a rotation.
+a token. One refresh per account runs at a time ("a flight", see ``flights``): every caller
+that needs the same account meanwhile awaits that flight instead of starting its own.
 
 Inside a flight: reload the row (another process may have refreshed it), decide again by the
 token that failed, call the token endpoint, persist the new pair (compare-and-swap on the row's
@@ -27,21 +26,25 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 
 from aiolimiter import AsyncLimiter
 
 from sidecar.config import CLIENT_CREDENTIALS_ACCOUNT, ProviderConfig
+from sidecar.credentials.backoff import Backoffs
 from sidecar.credentials.codec import seal, unseal
+from sidecar.credentials.flights import Flights, store_unavailable
+from sidecar.credentials.lost import LostAnswers
 from sidecar.credentials.notifier import Notifier
 from sidecar.crypto import TokenCipher
 from sidecar.errors import (
     DecryptError,
     FatalGrantError,
     ReauthorizationRequired,
+    SidecarError,
     StoreError,
     TokenUnavailable,
+    TokenUndecryptable,
     TransientGrantError,
     UnknownAccount,
 )
@@ -54,13 +57,8 @@ from sidecar.tasks import Tasks
 log = logging.getLogger(__name__)
 Key = tuple[str, str]  # (provider, account)
 Decide = Callable[[Credential], bool]  # does this freshly reloaded pair need refreshing?
-PROVIDER_TRIP_FAILURES = 3  # failures in a row before every refresh to a provider slows down
-
-
-@dataclass(slots=True)
-class Backoff:
-    failures: int
-    retry_at: float
+RESAVE_SECONDS = 1.0  # how often a pair the store refused is written again
+STORE_RETRY_AFTER_SECONDS = 2  # Retry-After when an account cannot be read: outages are short
 
 
 class CredentialManager:
@@ -81,12 +79,13 @@ class CredentialManager:
         self._providers, self._metrics, self._clock = providers, metrics, clock
         self._tasks, self._rng = tasks, rng or random.Random()
         self._cache: dict[Key, Credential] = {}
-        self._flights: dict[Key, asyncio.Future[Credential]] = {}  # wait for the store lock
-        self._tries: dict[Key, asyncio.Future[Credential | None]] = {}  # background: try it
-        self._backoff: dict[Key, Backoff] = {}
+        self._flights = Flights(tasks, metrics)
+        self._backoffs = Backoffs(providers, clock, self._rng)
         self._unsaved: dict[Key, Credential] = {}  # new pairs whose write failed: never lose them
-        self._lost: dict[Key, int] = {}  # refreshes whose answer was lost, in a row
-        self._provider_backoff: dict[str, Backoff] = {}
+        self._resaving: set[Key] = set()
+        self._lost = LostAnswers(providers, metrics, clock)
+        self.recovered: Callable[[str], None] = lambda provider: None  # after a tripped
+        # provider answers again (the background refresher then rescans at once)
         # Shared by on-demand and background refreshes: thousands of refreshes fired at once
         # would time out, and a timed-out rotation loses the new pair.
         self._limits = {
@@ -113,7 +112,7 @@ class CredentialManager:
 
     async def current(self, provider: str, account: str) -> Token:
         """A token that is safe to inject now; refreshes first when it is STALE or INVALID."""
-        cred = self._cache.get((provider, account)) or await self._load(provider, account)
+        cred = self._cache.get((provider, account)) or await self._read(provider, account)
         if cred.state is AccountState.REAUTHORIZATION_REQUIRED:
             raise ReauthorizationRequired(cred.state_reason or "unknown", cred.state_changed_at)
         skew = self._providers[provider].refresh_skew_seconds
@@ -143,48 +142,34 @@ class CredentialManager:
         account. A flight of this process for the account is joined instead (it may wait).
         """
         key = (provider, account)
-        if key in self._flights:
+        if self._flights.waiting(key):
             return await self._join(key, due)
-        flight = self._tries.get(key)
-        if flight is not None:
-            self._metrics.coalesced.labels(provider).inc()
-        else:
-            flight = self._tasks.spawn(self._try_fly(key, due), name=f"refresh {provider}")
-            self._tries[key] = flight
-            flight.add_done_callback(lambda _: self._tries.pop(key, None))
-        return await asyncio.shield(flight)
+        retry_at = self.retry_at(provider, account)
+        if retry_at is not None and self._clock() < retry_at:  # no store lock, no reload
+            raise TransientGrantError("backing off after an earlier failure")
+        return await self._flights.try_join(key, lambda: self._try_fly(key, due))
 
     def forget(self, provider: str, account: str) -> None:
         """Drop what this process holds for an account after an operator imported,
         re-authorized or deleted it, so the next request reads the store again."""
         key = (provider, account)
-        for held in (self._cache, self._backoff, self._unsaved, self._lost):
+        for held in (self._cache, self._unsaved):
             held.pop(key, None)
+        self._backoffs.forget(provider, account)
+        self._lost.forget(provider, account)
 
     def retry_at(self, provider: str, account: str) -> float | None:
         """When a refresh of this account may next call the provider, if it is backing off."""
-        times = [
-            b.retry_at
-            for b in (self._backoff.get((provider, account)), self._provider_backoff.get(provider))
-            if b
-        ]
-        return max(times) if times else None
+        return self._backoffs.retry_at(provider, account)
 
     async def _join(self, key: Key, decide: Decide) -> Credential:
-        flight = self._flights.get(key)
-        if flight is not None:
-            self._metrics.coalesced.labels(key[0]).inc()
-        else:
-            after = self._tries.get(key)  # at most one flight of this process takes the lock
-            flight = self._tasks.spawn(self._fly(key, decide, after), name=f"refresh {key[0]}")
-            self._flights[key] = flight
-            flight.add_done_callback(lambda _: self._flights.pop(key, None))
-        # Shielded: a caller that goes away must not cancel a rotation halfway.
-        return await asyncio.shield(flight)
+        return await self._flights.join(key, lambda after: self._fly(key, decide, after))
 
     def _fallback(self, key: Key, failed: Token | None, exc: TransientGrantError) -> Token:
-        """After a transient failure: keep using an unexpired token the upstream did not reject."""
-        cred = self._cache.get(key)
+        """After a transient failure: keep using an unexpired token the upstream did not reject.
+        A pair the provider gave that the store has not taken yet is the newest: its access
+        token is good (only its refresh token must wait for the write)."""
+        cred = self._unsaved.get(key) or self._cache.get(key)
         now = self._clock()
         usable = cred is not None and cred.token.state(now, 0) is not TokenState.INVALID
         if failed is None and cred is not None and usable:
@@ -193,22 +178,39 @@ class CredentialManager:
         wait = retry_at - now if retry_at else 1.0
         raise TokenUnavailable(retry_after=max(1, math.ceil(wait))) from exc
 
+    async def _read(self, provider: str, account: str) -> Credential:
+        """``_load`` for a request: a store that is away is "try again soon" for the app,
+        as a failing token endpoint is, not an internal error."""
+        try:
+            return await self._load(provider, account)
+        except StoreError as exc:
+            log.warning(
+                "token_store_unavailable",
+                extra={"provider": provider, "account": account, "error": str(exc)},
+            )
+            raise TokenUnavailable(
+                STORE_RETRY_AFTER_SECONDS, "the token store is unavailable; try again shortly"
+            ) from exc
+
     async def _load(self, provider: str, account: str) -> Credential:
         row = await self._store.get(provider, account)
         if row is None:
             if account == CLIENT_CREDENTIALS_ACCOUNT and self._providers[provider].single_token:
                 return Credential(provider, account, Token("", expires_at=0.0), version=0)
             raise UnknownAccount(f"no account {account!r} for provider {provider!r}")
-        cred = unseal(self._cipher, row)
+        try:
+            cred = unseal(self._cipher, row)
+        except DecryptError as exc:
+            # A key file that does not match the store: the app gets a clear error naming the
+            # key id, and start-up checks (sidecar check-config, run) catch it before traffic.
+            raise TokenUndecryptable(
+                f"the stored token pair does not decrypt with the configured keys ({exc}); "
+                "check [store] key_file"
+            ) from exc
         self._cache[(provider, account)] = cred
-        if row.refresh_attempt_at is not None and (provider, account) not in self._lost:
-            # A refresh was sent and never concluded (a crash, here or in another replica):
-            # the provider may have rotated. Retry with the same token; remember why.
-            self._lost[(provider, account)] = 1
-            log.warning(
-                "refresh_outcome_unknown",
-                extra={"provider": provider, "account": account, "sent_at": row.refresh_attempt_at},
-            )
+        # A refresh sent and never concluded (a crash or a lost store, here or in another
+        # replica): the provider may have rotated. See LostAnswers.check.
+        self._lost.seen(provider, account, row.refresh_attempt_at)
         return cred
 
     def _is_not_fresh(self, cred: Credential) -> bool:
@@ -228,7 +230,7 @@ class CredentialManager:
             if tried is not None and not decide(tried):
                 return tried
         waited = time.perf_counter()
-        with _store_unavailable():
+        with store_unavailable():
             async with self._store.hold(*key):
                 self._metrics.lock_wait.labels(key[0]).observe(time.perf_counter() - waited)
                 return await self._fly_locked(key, decide)
@@ -237,7 +239,7 @@ class CredentialManager:
         """Refresh if the account's lock is free now and ``decide`` still says so; None when
         another process holds the lock. Nothing is recorded for a skip: no backoff, no lost
         outcome, since this process neither read the row under the lock nor called anyone."""
-        with _store_unavailable():
+        with store_unavailable():
             async with self._store.try_hold(*key) as held:
                 if not held:
                     self._metrics.background_skipped.labels(key[0]).inc()
@@ -253,28 +255,41 @@ class CredentialManager:
             return cred
         if key in self._unsaved:
             return await self._save(cred, self._unsaved[key])
+        self._lost.check(provider, account)
         async with self._limits[provider]:
             # Checked after the wait for a slot: the provider may have tripped meanwhile.
-            retry_at = self.retry_at(provider, account)
-            if retry_at is not None and self._clock() < retry_at:
-                raise TransientGrantError("backing off after an earlier failure")
-            async with self._rates[provider]:
-                await self._store.record_refresh_attempt(provider, account, self._clock())
-                new_token = await self._call_provider(cred)
-        now = self._clock()
+            probe = await self._backoffs.admit(provider, account)
+            try:
+                async with self._rates[provider]:
+                    with self._flights.sending(key):
+                        return await self._send(cred)
+            finally:
+                self._backoffs.settle(provider, probe)
+
+    async def _send(self, cred: Credential) -> Credential:
+        """Call the provider and store the new pair: what a shutdown waits for."""
+        sent_at = self._clock()
+        await self._store.record_refresh_attempt(cred.provider, cred.account, sent_at)
+        self._lost.sent(cred.provider, cred.account, sent_at)
+        new_token = await self._call_provider(cred)
         fresh = dataclasses.replace(
             cred,
             token=cred.token.rotated(new_token),
             state=AccountState.ACTIVE,
             state_reason=None,
             state_changed_at=None,
-            refreshed_at=now,
+            refreshed_at=self._clock(),
         )
-        self._unsaved[key] = fresh
+        self._unsaved[(cred.provider, cred.account)] = fresh
         return await self._save(cred, fresh)
 
+    async def drain(self) -> int:
+        """At shutdown: start no more token requests, and store the answers of those sent
+        (bounded by the providers' ``timeout_seconds`` plus a write); see ``Flights.drain``."""
+        timeout = max((p.timeout_seconds for p in self._providers.values()), default=0.0)
+        return await self._flights.drain(timeout)
+
     async def _call_provider(self, cred: Credential) -> Token:
-        key = (cred.provider, cred.account)
         metrics = self._metrics
         start = self._clock()
         try:
@@ -282,9 +297,11 @@ class CredentialManager:
                 token = await self._grants[cred.provider].fetch(cred.token)
         except FatalGrantError as exc:
             metrics.refreshes.labels(cred.provider, "fatal_error").inc()
+            self._answered(cred.provider, cred.account)  # a definite "no": the provider is up
             # After a lost answer, invalid_grant most likely means the provider did rotate:
             # the new pair is gone, and the operator should know why.
-            reason = "refresh_outcome_lost" if self._lost.pop(key, 0) else exc.error
+            lost = self._lost.answered(cred.provider, cred.account)
+            reason = "refresh_outcome_lost" if lost else exc.error
             await self._store.record_refresh_attempt(cred.provider, cred.account, None)
             await self._mark_reauthorization(cred, reason)
             raise ReauthorizationRequired(reason, start) from exc
@@ -295,9 +312,8 @@ class CredentialManager:
             await self._after_transient(cred, exc)
             raise
         metrics.refreshes.labels(cred.provider, "success").inc()
-        for pending in (self._backoff, self._lost):
-            pending.pop(key, None)
-        self._provider_backoff.pop(cred.provider, None)
+        self._lost.answered(cred.provider, cred.account)
+        self._answered(cred.provider, cred.account)
         log.info(
             "token_refreshed",
             extra={
@@ -323,6 +339,7 @@ class CredentialManager:
                 "token_save_failed",
                 extra={"provider": new.provider, "account": new.account, "error": str(exc)},
             )
+            self._resave_soon(key)
             raise TransientGrantError("cannot persist the new token pair") from exc
         del self._unsaved[key]
         if not saved:
@@ -335,52 +352,32 @@ class CredentialManager:
         self._cache[key] = stored
         return stored
 
-    async def _after_transient(self, cred: Credential, exc: TransientGrantError) -> None:
-        """Back off this account, and the whole provider when it keeps failing.
+    def _resave_soon(self, key: Key) -> None:
+        if key not in self._resaving:
+            self._resaving.add(key)
+            self._tasks.spawn(self._resave(key), name=f"resave {key[0]}")
 
-        A lost answer (``outcome_unknown``) is retried later with the same refresh token,
-        never an invented one; after ``lost_refresh_max_attempts`` such losses in a row with
-        the access token expired, the account is given up as ``refresh_outcome_lost``.
-        """
-        key = (cred.provider, cred.account)
-        provider = self._providers[cred.provider]
-        self._back_off(key, exc)
-        trip = self._provider_backoff.get(cred.provider)
-        failures = trip.failures + 1 if trip else 1
-        if failures >= PROVIDER_TRIP_FAILURES:
-            delay = self._delay(provider, failures - PROVIDER_TRIP_FAILURES + 1, None)
-            self._provider_backoff[cred.provider] = Backoff(failures, self._clock() + delay)
-        else:
-            self._provider_backoff[cred.provider] = Backoff(failures, 0.0)
-        if not exc.outcome_unknown:
-            return
-        self._lost[key] = self._lost.get(key, 0) + 1
-        expired = cred.token.state(self._clock(), 0) is TokenState.INVALID
-        if self._lost[key] >= provider.lost_refresh_max_attempts and expired:
-            del self._lost[key]
+    async def _resave(self, key: Key) -> None:
+        """Write a pair the store refused as soon as it is back, under the account's lock: until
+        then another process could present the refresh token that pair replaced."""
+        try:
+            while key in self._unsaved:
+                await asyncio.sleep(RESAVE_SECONDS)
+                with contextlib.suppress(SidecarError):
+                    await self._join(key, lambda cred: key in self._unsaved)
+        finally:
+            self._resaving.discard(key)
+
+    async def _after_transient(self, cred: Credential, exc: TransientGrantError) -> None:
+        """Back off this account (and the provider when it keeps failing). A lost answer is
+        retried later with the same refresh token; see ``LostAnswers``."""
+        self._backoffs.failed(cred.provider, cred.account, exc)
+        if exc.outcome_unknown and self._lost.lost(cred, exc.lost_cause):
             await self._mark_reauthorization(cred, "refresh_outcome_lost")
 
-    def _delay(self, provider: ProviderConfig, failures: int, floor: float | None) -> float:
-        """Exponential backoff with jitter; a provider's Retry-After is a floor."""
-        ceiling = min(
-            provider.backoff_max_seconds, provider.backoff_initial_seconds * 2 ** (failures - 1)
-        )
-        return max(self._rng.uniform(ceiling / 2, ceiling), floor or 0.0)
-
-    def _back_off(self, key: Key, exc: TransientGrantError) -> None:
-        failures = self._backoff[key].failures + 1 if key in self._backoff else 1
-        delay = self._delay(self._providers[key[0]], failures, exc.retry_after)
-        self._backoff[key] = Backoff(failures, self._clock() + delay)
-        log.warning(
-            "token_refresh_failed",
-            extra={
-                "provider": key[0],
-                "account": key[1],
-                "reason": exc.reason,
-                "outcome_unknown": exc.outcome_unknown,
-                "retry_in_seconds": round(delay, 3),
-            },
-        )
+    def _answered(self, provider: str, account: str) -> None:
+        if self._backoffs.answered(provider, account):  # it was tripped: all may go again
+            self.recovered(provider)
 
     async def _mark_reauthorization(self, cred: Credential, reason: str) -> None:
         now = self._clock()
@@ -400,23 +397,3 @@ class CredentialManager:
         self._metrics.reauthorizations.labels(cred.provider, reason).inc()
         if self._notifier is not None:
             self._notifier.reauthorization_required(cred.provider, cred.account, reason, now)
-
-    async def reset_client_credentials(self) -> None:
-        """A single-token provider's failure is fixed in config, so a restart clears its mark."""
-        for name, provider in self._providers.items():
-            if provider.single_token:
-                await self._store.set_state(
-                    name, CLIENT_CREDENTIALS_ACCOUNT, AccountState.ACTIVE.value, None, self._clock()
-                )
-
-
-@contextlib.contextmanager
-def _store_unavailable() -> Iterator[None]:
-    """Store down: the refresh fails as transient, and a still-valid cached token keeps being
-    served. A pair that cannot be decrypted is no outage and passes through."""
-    try:
-        yield
-    except DecryptError:
-        raise
-    except StoreError as exc:
-        raise TransientGrantError(f"token store unavailable: {exc}") from exc

@@ -66,7 +66,9 @@ class TokenEndpoint:
             raise TransientGrantError(str(exc)) from None
         except TimeoutError:
             # The request may have been processed: the provider may have rotated already.
-            raise TransientGrantError("timed out", outcome_unknown=True) from None
+            raise TransientGrantError(
+                "timed out", outcome_unknown=True, lost_cause="timeout"
+            ) from None
         except UpstreamError as exc:
             raise TransientGrantError(f"connection failed: {exc}", outcome_unknown=True) from None
         return classify(reply.status, reply.headers, reply.body, received_at, self._provider.quirks)

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 import asyncpg  # type: ignore[import-untyped]
 
-from sidecar.errors import StoreError
+from sidecar.errors import StoreError, StoreUnreachable
 from sidecar.store.base import StoredRow
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,16 @@ _ERRORS = (
     TimeoutError,
 )
 
+# Connection failures that may pass: refused, timed out, dropped, "the database system is
+# starting up" (57P03) or out of connection slots. A wrong password or database does not.
+_UNREACHABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.exceptions.PostgresConnectionError,
+)
+
 
 class PostgresStore:
     def __init__(self, pool: Any, locks: Any, scope: str) -> None:
@@ -96,7 +106,7 @@ class PostgresStore:
         command_timeout: float = 30.0,
     ) -> PostgresStore:
         where = redact(url)
-        with _translate(f"connecting to {where}"):
+        with _translate(f"connecting to {where}", connecting=True):
             pool = await asyncpg.create_pool(
                 url,
                 min_size=1,
@@ -110,8 +120,9 @@ class PostgresStore:
             url, min_size=0, max_size=lock_pool_size, timeout=connect_timeout
         )
         try:
-            with _translate(f"preparing {where}"):
+            with _translate(f"preparing {where}", connecting=True):
                 await locks
+            with _translate(f"preparing {where}"):
                 scope = await _migrate(pool)
         except BaseException:
             await _close_pool(pool)
@@ -345,9 +356,11 @@ def redact(url: str) -> str:
 
 
 @contextlib.contextmanager
-def _translate(what: str) -> Iterator[None]:
-    """asyncpg's exceptions stop here; callers see StoreError."""
+def _translate(what: str, connecting: bool = False) -> Iterator[None]:
+    """asyncpg's exceptions stop here; callers see StoreError. While ``connecting``, a server
+    that cannot be reached (or is still starting) is StoreUnreachable: worth trying again."""
     try:
         yield
     except _ERRORS as exc:
-        raise StoreError(f"PostgreSQL {what} failed: {exc}") from exc
+        kind = StoreUnreachable if connecting and isinstance(exc, _UNREACHABLE) else StoreError
+        raise kind(f"PostgreSQL {what} failed: {exc}") from exc
