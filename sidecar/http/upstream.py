@@ -1,14 +1,12 @@
 """One connection to an upstream, as an explicit state machine (h11's ``_state.py`` is the model).
 
-Each side has one state. Ours: IDLE (in the pool) -> SENDING (the request is being written)
--> SENT. Theirs: IDLE -> WAITING (for the answer's head) -> BODY -> DONE, or CLOSED from
-anywhere. Every byte the upstream sends either moves its state along the answer's framing or
-is a protocol error: bytes while IDLE, a second message after DONE, a body on a 204, 304 or
-HEAD answer, an unasked ``101``. Such a connection is closed, never pooled, so no byte of one
-answer can reach the request that uses the connection next. A connection goes back to the pool
-only when both sides are done and the answer ended exactly where its framing said.
-One limit of llhttp is accepted: it skips empty lines (bare CR/LF) between messages without a
-callback, so such bytes alone after a complete answer go unseen; they cannot form an answer.
+Ours: IDLE (in the pool) -> SENDING -> SENT. Theirs: IDLE -> WAITING (for the head) -> BODY ->
+DONE, or CLOSED from anywhere. Every byte the upstream sends moves its state along the
+answer's framing or is a protocol error (bytes while IDLE, a second message after DONE, a body
+on a 204, 304 or HEAD answer, an unasked ``101``) that closes the connection. It goes back to
+the pool only when both sides are done and the answer ended exactly where its framing said, so
+no byte of one answer can reach the next request. (llhttp skips blank lines between messages
+unseen; they cannot form an answer.)
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ import httptools
 from sidecar.http.body import BodyStream, WriteGate
 from sidecar.http.errors import StaleConnection, UpstreamError
 from sidecar.http.messages import RequestError, UpstreamResponse
+from sidecar.http.wire import NO_BODY_STATUSES
 
 RequestBody = bytes | BodyStream | None
 Answered = Callable[["UpstreamResponse | None", "BaseException | None"], None]
@@ -31,7 +30,6 @@ GiveBack = Callable[["UpstreamConnection", bool], None]
 
 MAX_HEAD_BYTES = 64 * 1024  # an answer's head, and its trailer section
 _FRAMING_NAME_LENGTHS = frozenset({len(b"content-length"), len(b"transfer-encoding")})
-NO_BODY_STATUSES = frozenset({204, 304})
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
@@ -146,7 +144,9 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         if self._theirs is not Theirs.CLOSED:
             self._theirs = Theirs.CLOSED
-            self._stop_timer()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             if self._transport is not None:
                 self._transport.close()
 
@@ -210,8 +210,6 @@ class UpstreamConnection(asyncio.Protocol):
             self._timer = self._loop.call_later(self._read_timeout, self._check_read_timeout)
         self._settle()
 
-    # Timeouts and failures
-
     def _check_read_timeout(self) -> None:
         """The read timeout: one timer per connection, outliving the requests that armed it.
 
@@ -229,11 +227,6 @@ class UpstreamConnection(asyncio.Protocol):
             self._timer = self._loop.call_later(delay, self._check_read_timeout)
             return
         self._fail(TimeoutError("the upstream did not answer in time"))
-
-    def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
 
     def _fail(self, exc: BaseException) -> None:
         """The exchange cannot go on: the answer (or whoever waits for it) gets ``exc``."""
@@ -307,8 +300,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         theirs = self._theirs
-        self._theirs = Theirs.CLOSED
-        self._stop_timer()
+        self.close()
         self._gate.resume()
         if theirs is Theirs.WAITING:
             stale = StaleConnection if not self._got_bytes else UpstreamError
