@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl, unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from sidecar.callback import CALLBACK_PATH, complete_login
 from sidecar.credentials.accounts import (
     AccountService,
     GrantNotSupported,
@@ -31,6 +32,7 @@ from sidecar.credentials.accounts import (
     Stored,
     UnknownProvider,
 )
+from sidecar.credentials.logins import Logins, NotConnectable
 from sidecar.errors import (
     DecryptError,
     FatalGrantError,
@@ -88,6 +90,8 @@ class AdminApi:
         listeners_up: Callable[[], bool],
         accounts: AccountService | None = None,
         admin_token: str | None = None,
+        logins: Logins | None = None,
+        callback_url: str | None = None,
     ) -> None:
         self.store, self.metrics, self.providers = store, metrics, providers
         self.listeners_up = listeners_up
@@ -99,7 +103,19 @@ class AdminApi:
             else None
         )
         self.routes = OPEN_ROUTES + (ACCOUNT_ROUTES if accounts is not None else ())
+        # The provider sends the browser to the callback without our bearer token: its
+        # ``state`` is its credential (single-use, expiring, checked in constant time).
+        self.open_paths = OPEN_PATHS
+        self._logins, self.callback_url = logins, callback_url
+        if logins is not None and self._expected is not None:
+            self.routes += LOGIN_ROUTES
+            self.open_paths = OPEN_PATHS | {CALLBACK_PATH}
         self._routes = [(route, route.pattern) for route in self.routes]
+
+    @property
+    def logins(self) -> Logins:
+        assert self._logins is not None  # login routes exist only with logins
+        return self._logins
 
     @property
     def accounts(self) -> AccountService:
@@ -108,7 +124,7 @@ class AdminApi:
 
     async def handle(self, request: Request) -> Response:
         path, _, query = request.target.decode("latin-1").partition("?")
-        if path not in OPEN_PATHS:
+        if path not in self.open_paths:
             refused = self._refuse(request.headers)
             if refused is not None:
                 return refused
@@ -167,6 +183,7 @@ PLAIN_ERRORS: tuple[tuple[type[SidecarError], int, str], ...] = (
     (UnknownProvider, 404, "unknown_provider"),
     (UnknownAccount, 404, "unknown_account"),
     (GrantNotSupported, 409, "grant_not_supported"),
+    (NotConnectable, 409, "not_connectable"),
     (DecryptError, 500, "undecryptable"),  # a key was removed: delete with force=true
     (StoreError, 503, "store_unavailable"),
 )
@@ -246,6 +263,25 @@ async def authorize_account(api: AdminApi, request: AdminRequest) -> Response:
     return _stored(stored, warnings=list(stored.warnings))
 
 
+async def connect_account(api: AdminApi, request: AdminRequest) -> Response:
+    """Start a login: the URL to open in a browser; the callback route completes it."""
+    body = _body(request) if request.body.strip() else {}
+    if not isinstance(body, dict) or set(body) - {"redirect_uri"}:
+        raise InvalidInput(['body: must be {} or {"redirect_uri": "..."}'])
+    provider, account = _names(request)
+    redirect_uri = body.get("redirect_uri") or api.accounts.provider(provider).redirect_uri
+    redirect_uri = redirect_uri or api.callback_url
+    if not isinstance(redirect_uri, str) or not redirect_uri:
+        raise InvalidInput(["redirect_uri: is required (no provider redirect_uri is set)"])
+    started = await api.logins.start(provider, account, redirect_uri)
+    return json_response(started.to_json())
+
+
+async def oauth_callback(api: AdminApi, request: AdminRequest) -> Response:
+    response, _ = await complete_login(api.logins, request.query)
+    return response
+
+
 async def refresh_account(api: AdminApi, request: AdminRequest) -> Response:
     return json_response((await api.accounts.refresh(*_names(request))).to_json())
 
@@ -303,4 +339,8 @@ ACCOUNT_ROUTES = (
     Route("DELETE", ACCOUNT, delete_account),
     Route("POST", ACCOUNT + "/authorize", authorize_account),
     Route("POST", ACCOUNT + "/refresh", refresh_account),
+)
+LOGIN_ROUTES = (
+    Route("POST", ACCOUNT + "/connect", connect_account),
+    Route("GET", CALLBACK_PATH, oauth_callback),
 )

@@ -11,22 +11,25 @@ import asyncio
 import logging
 import os
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry
 
 from sidecar.admin import AdminApi
+from sidecar.callback import CALLBACK_PATH
 from sidecar.config import Config, UpstreamConfig
 from sidecar.credentials import CredentialManager
 from sidecar.credentials.accounts import AccountService, make_account_service
+from sidecar.credentials.logins import Logins
 from sidecar.credentials.maintenance import check_keys, reset_client_credentials
 from sidecar.credentials.notifier import Notifier
 from sidecar.credentials.refresher import Refresher
 from sidecar.crypto import TokenCipher
 from sidecar.errors import ListenError
 from sidecar.grants import make_grant
+from sidecar.grants.discovery import Endpoints, endpoints_for
 from sidecar.http.client import HttpClient, UpstreamPool
 from sidecar.http.messages import FastHandler, Handler, Request, Response
 from sidecar.http.responses import error_response, json_response
@@ -94,7 +97,10 @@ class Sidecar:
         exit_stack.push_async_callback(token_http.close)
         tasks = Tasks()  # closed first: refreshes stop before the HTTP client and store go
         exit_stack.push_async_callback(tasks.close)
-        grants = {p.name: make_grant(token_http, p, clock) for p in config.providers}
+        endpoints = endpoints_for(config.providers)  # discovery, shared by every use
+        grants = {
+            p.name: make_grant(token_http, p, clock, endpoints[p.name]) for p in config.providers
+        }
         providers = {p.name: p for p in config.providers}
         credentials = CredentialManager(
             store,
@@ -125,6 +131,7 @@ class Sidecar:
             credentials,
             clock,
             changed=_on_account_change(credentials, refresher),
+            discovered=endpoints,
         )
         admin_handler.handler = AdminApi(
             store,
@@ -133,6 +140,8 @@ class Sidecar:
             sidecar.listeners_up,
             accounts,
             config.admin.token,
+            Logins(accounts, endpoints, clock),
+            _callback_url(addresses["admin"]),
         ).handle
         return sidecar
 
@@ -175,7 +184,7 @@ class Sidecar:
 
 @asynccontextmanager
 async def open_accounts(
-    config: Config, clock: Clock = system_clock
+    config: Config, clock: Clock = system_clock, endpoints: Mapping[str, Endpoints] | None = None
 ) -> AsyncIterator[AccountService]:
     """The account service on its own, for one ``sidecar accounts`` command.
 
@@ -190,12 +199,15 @@ async def open_accounts(
         tasks = Tasks()  # closed first: a refresh stops before the HTTP client and store go
         stack.push_async_callback(tasks.close)
         cipher = TokenCipher(config.store.keys)
-        grants = {p.name: make_grant(http, p, clock) for p in config.providers}
+        endpoints = endpoints or endpoints_for(config.providers)
+        grants = {p.name: make_grant(http, p, clock, endpoints[p.name]) for p in config.providers}
         providers = {p.name: p for p in config.providers}
         credentials = CredentialManager(
             store, cipher, grants, providers, Metrics(), clock, tasks, None
         )
-        yield make_account_service(config.providers, store, cipher, http, credentials, clock)
+        yield make_account_service(
+            config.providers, store, cipher, http, credentials, clock, discovered=endpoints
+        )
 
 
 async def _listen(
@@ -238,6 +250,13 @@ async def _starting(request: Request) -> Response:
     if request.target.partition(b"?")[0] == b"/healthz":
         return json_response({"status": "starting"})
     return error_response(503, "not_ready", "starting: waiting for the token store")
+
+
+def _callback_url(address: tuple[str, int]) -> str:
+    """The admin listener's login callback, as a browser on this host reaches it."""
+    host, port = address
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}{CALLBACK_PATH}"
 
 
 def upstream_pool(cfg: UpstreamConfig) -> UpstreamPool:

@@ -3,6 +3,7 @@
 sidecar run --config config.toml
 sidecar check-config --config config.toml
 sidecar accounts import --config config.toml --provider NAME < tokens.jsonl
+sidecar accounts connect --config config.toml --provider NAME --account A
 sidecar accounts list|authorize|refresh|revoke --config config.toml --provider NAME ...
 sidecar keys generate
 sidecar keys rotate --config config.toml
@@ -19,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TextIO, TypeVar
 
@@ -77,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     dev.add_argument("--port", type=int, default=8081, help="proxy port (default 8081)")
     dev.add_argument("--admin-port", type=int, default=9901, help="admin port (default 9901)")
+    dev.add_argument(
+        "--provider-port", type=int, default=8180, help="demo provider port (default 8180)"
+    )
+    dev.add_argument("--api-port", type=int, default=8181, help="demo API port (default 8181)")
     dev.set_defaults(func=_dev)
 
     run = commands.add_parser("run", help="run the proxy listeners and the admin listener")
@@ -85,6 +90,11 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a config file, report every problem")
     _config_arg(check)
+    check.add_argument(
+        "--online",
+        action="store_true",
+        help="also fetch each issuer's discovery document and show the endpoints it gives",
+    )
     check.set_defaults(func=_check_config)
 
     accounts = commands.add_parser("accounts", help="manage stored accounts")
@@ -122,6 +132,7 @@ def _account_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
     authorize.add_argument("--redirect-uri", required=True)
     authorize.add_argument("--code-verifier", help="the PKCE verifier (RFC 7636)")
     authorize.set_defaults(func=_authorize)
+    _connect_command(commands)
     refresh = commands.add_parser("refresh", help="refresh an account's tokens now")
     _provider_args(refresh)
     refresh.set_defaults(func=_refresh)
@@ -133,6 +144,29 @@ def _account_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
         "--force", action="store_true", help="delete even if the provider does not confirm"
     )
     revoke.set_defaults(func=_revoke)
+
+
+def _connect_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    connect = commands.add_parser(
+        "connect",
+        help="sign an account in with a browser and store its token pair",
+        description="Print (and, where there is a display, open) the provider's authorization "
+        "URL, receive the redirect on a loopback listener, exchange the code (PKCE S256) and "
+        "store the account's token pair.",
+    )
+    _provider_args(connect)
+    connect.add_argument(
+        "--redirect-uri",
+        help="loopback URI to listen on (default: the provider's redirect_uri, else "
+        "http://127.0.0.1/callback on a free port)",
+    )
+    connect.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds to wait for the sign-in (300)"
+    )
+    connect.add_argument(
+        "--no-browser", action="store_true", help="only print the URL, never open a browser"
+    )
+    connect.set_defaults(func=_connect)
 
 
 def _provider_args(parser: argparse.ArgumentParser, account: bool = True) -> None:
@@ -164,6 +198,12 @@ def _check_config(args: argparse.Namespace) -> int:
     else:
         store = asyncio.run(_check_store(cfg))
     print(f"ok: {len(cfg.providers)} provider(s), {len(cfg.upstreams)} upstream(s); {store}")
+    if getattr(args, "online", False):
+        from sidecar.grants.discovery import describe_discovery
+
+        lines, failed = asyncio.run(describe_discovery(cfg.providers))
+        print("\n".join(lines))
+        return EXIT_FAILED if failed else EXIT_OK
     return EXIT_OK
 
 
@@ -240,17 +280,24 @@ def _dev(args: argparse.Namespace) -> int:
         import uvloop
 
         uvloop.install()
-    return asyncio.run(_serve_dev(args.port, args.admin_port))
+    ports = (args.port, args.admin_port, args.provider_port, args.api_port)
+    return asyncio.run(_serve_dev(*ports))
 
 
-async def _serve_dev(port: int, admin_port: int) -> int:
+async def _serve_dev(port: int, admin_port: int, provider_port: int, api_port: int) -> int:
     from sidecar.dev import start_dev
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    stack = await start_dev(time.time, proxy_port=port, admin_port=admin_port)
+    stack = await start_dev(
+        time.time,
+        proxy_port=port,
+        admin_port=admin_port,
+        provider_port=provider_port,
+        api_port=api_port,
+    )
     print(stack.instructions(), flush=True)
     await stop.wait()
     await stack.stop()
@@ -322,6 +369,51 @@ def _authorize(args: argparse.Namespace) -> int:
     for warning in stored.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return EXIT_OK
+
+
+def _connect(args: argparse.Namespace) -> int:
+    from sidecar.connect import connect
+
+    cfg = _load_for_provider(args)
+    logs.configure("warning")
+    browser = not args.no_browser and _has_display(os.environ)
+
+    def show(url: str, redirect_uri: str) -> None:
+        print(
+            f"Open this URL to sign in account {args.account!r} of provider {args.provider!r}:\n"
+            f"  {url}\nWaiting up to {args.timeout:.0f} s for the redirect to {redirect_uri}",
+            flush=True,
+        )
+        if browser:
+            import webbrowser
+
+            webbrowser.open(url)
+
+    stored = asyncio.run(
+        connect(
+            cfg,
+            args.provider,
+            args.account,
+            redirect_uri=args.redirect_uri,
+            wait_seconds=args.timeout,
+            show=show,
+        )
+    )
+    print(
+        f"connected {'new' if stored.created else 'existing'} account {args.account!r} of "
+        f"provider {args.provider!r}; access token expires "
+        f"{_when(stored.summary.access_expires_at)}"
+    )
+    for warning in stored.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _has_display(environ: Mapping[str, str]) -> bool:
+    """Whether a browser can be shown: a desktop session, or macOS and Windows."""
+    return sys.platform in ("darwin", "win32") or bool(
+        environ.get("DISPLAY") or environ.get("WAYLAND_DISPLAY")
+    )
 
 
 def _refresh(args: argparse.Namespace) -> int:

@@ -117,6 +117,10 @@ class ProviderConfig:
     client_secret: str | None = field(default=None, repr=False)
     auth_method: str = "client_secret_basic"
     revocation_url: str | None = None  # RFC 7009; used when an account is deleted
+    # RFC 8414 / OIDC discovery fills the endpoints left unset above (grants/discovery.py).
+    issuer: str | None = None
+    authorization_url: str | None = None  # RFC 6749 §3.1; for `accounts connect`
+    redirect_uri: str | None = None  # where the provider sends the browser back with the code
     scopes: tuple[str, ...] = ()
     extra_params: tuple[tuple[str, str], ...] = ()
     audience: tuple[str, ...] = ()  # one `audience` parameter each
@@ -428,7 +432,10 @@ def _provider(
 ) -> ProviderConfig:
     r = _Reader(table, path, problems)
     name = r.get("name", str, "", required=True)
-    token_url = r.get("token_url", str, "", required=True)
+    issuer = r.get("issuer", str)
+    if issuer is not None and not _is_http_url(issuer):
+        r.problem("issuer", f"must be an http(s) URL without query or fragment, got {issuer!r}")
+    token_url = r.get("token_url", str, "", required=issuer is None)  # else discovered
     if token_url and not _is_http_url(token_url):
         r.problem("token_url", f"must be an http(s) URL, got {token_url!r}")
     grant = r.get("grant", str, "refresh_token")
@@ -441,6 +448,12 @@ def _provider(
     revocation_url = r.get("revocation_url", str)
     if revocation_url is not None and not _is_http_url(revocation_url):
         r.problem("revocation_url", f"must be an http(s) URL, got {revocation_url!r}")
+    authorization_url = r.get("authorization_url", str)
+    if authorization_url is not None and not _is_http_url(authorization_url):
+        r.problem("authorization_url", f"must be an http(s) URL, got {authorization_url!r}")
+    redirect_uri = r.get("redirect_uri", str)
+    if redirect_uri is not None and not _is_http_url(redirect_uri):
+        r.problem("redirect_uri", f"must be an http(s) URL, got {redirect_uri!r}")
     has_secret_key = "client_secret_file" in table or "client_secret_env" in table
     if not has_secret_key and auth_method not in ("none", "private_key_jwt"):
         r.problem(
@@ -469,6 +482,9 @@ def _provider(
         client_secret=secret,
         auth_method=auth_method,
         revocation_url=revocation_url,
+        issuer=issuer,
+        authorization_url=authorization_url,
+        redirect_uri=redirect_uri,
         scopes=tuple(scopes),
         extra_params=tuple(sorted(extra.items())),
         audience=audience,

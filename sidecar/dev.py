@@ -1,19 +1,24 @@
 """``sidecar dev``: a self-contained demo, no config and no credentials.
 
-Starts, all on 127.0.0.1: a demo token endpoint (short-lived tokens, refresh-token rotation
-and reuse detection), a demo API that rejects expired or revoked tokens with 401, and the
-sidecar between them with two accounts imported. Within a minute a user sees injection,
-background and on-demand refreshes, a retry after a 401, and the metrics moving.
+Starts, all on 127.0.0.1: a demo provider (a sign-in page and authorization codes with PKCE,
+RFC 8414 metadata, short-lived tokens, refresh-token rotation and reuse detection), a demo API
+that rejects expired or revoked tokens with 401, and the sidecar between them with two accounts
+imported. Within a minute a user sees injection, background and on-demand refreshes, a retry
+after a 401, and the metrics moving. It prints the provider's settings, so the README's
+Quickstart (``accounts connect``, then ``run``) can be tried against it with no account
+anywhere.
 """
 
 from __future__ import annotations
 
+import html
 import itertools
 import os
 import secrets
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlencode
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -22,6 +27,7 @@ from sidecar import config as config_module
 from sidecar.app import Sidecar
 from sidecar.credentials.maintenance import import_credentials
 from sidecar.crypto import TokenCipher, generate_key
+from sidecar.grants.authorization_code import code_challenge
 from sidecar.model import Clock, Credential, Token, fingerprint
 
 DEMO_ACCOUNTS = ("alice", "bob")
@@ -36,6 +42,9 @@ class DemoProvider:
     access: dict[str, tuple[str, float]] = field(default_factory=dict)  # token -> account, exp
     refresh: dict[str, str] = field(default_factory=dict)  # live refresh token -> account
     spent: dict[str, str] = field(default_factory=dict)  # rotated-away refresh token -> account
+    # authorization code -> (account, redirect_uri, PKCE challenge); a code works once
+    codes: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    issuer: str = ""  # the provider's URL, known once it listens
     _ids: itertools.count[int] = field(default_factory=itertools.count)
 
     def issue(self, account: str) -> Token:
@@ -62,6 +71,8 @@ class DemoProvider:
     async def token(self, request: web.Request) -> web.Response:
         form = await request.post()
         presented = str(form.get("refresh_token", ""))
+        if form.get("grant_type") == "authorization_code":
+            return self._exchange({k: str(v) for k, v in form.items()})
         if form.get("grant_type") != "refresh_token":
             return _oauth_error("unsupported_grant_type")
         if presented in self.spent:  # reuse: revoke the whole family
@@ -72,7 +83,18 @@ class DemoProvider:
         if account is None:
             return _oauth_error("invalid_grant", "unknown refresh token")
         self.spent[presented] = account
-        token = self.issue(account)
+        return self._token_response(self.issue(account))
+
+    def _exchange(self, form: dict[str, str]) -> web.Response:
+        """RFC 6749 §4.1.3 with PKCE S256 (RFC 7636 §4.6)."""
+        account, redirect_uri, challenge = self.codes.pop(form.get("code", ""), ("", "", ""))
+        if not account or form.get("redirect_uri") != redirect_uri:
+            return _oauth_error("invalid_grant", "unknown or used code, or another redirect_uri")
+        if code_challenge(form.get("code_verifier", "")) != challenge:
+            return _oauth_error("invalid_grant", "PKCE verification failed")
+        return self._token_response(self.issue(account))
+
+    def _token_response(self, token: Token) -> web.Response:
         return web.json_response(
             {
                 "access_token": token.access_token,
@@ -82,9 +104,52 @@ class DemoProvider:
             }
         )
 
+    async def sign_in_page(self, request: web.Request) -> web.Response:
+        """The authorization endpoint (RFC 6749 §4.1.1): a page to sign in as any user."""
+        q = request.query
+        if q.get("response_type") != "code" or q.get("code_challenge_method") != "S256":
+            return web.Response(status=400, text="needs response_type=code and PKCE S256")
+        hidden = "".join(
+            f'<input type="hidden" name="{name}" value="{html.escape(q.get(name, ""))}">'
+            for name in ("redirect_uri", "state", "code_challenge")
+        )
+        page = (
+            "<!doctype html><title>Demo provider</title><h1>Sign in to the demo provider</h1>"
+            f'<form method="post" action="/authorize">{hidden}'
+            '<label>User <input name="user" value="demo-user"></label>'
+            '<button name="approve" value="yes">Approve</button>'
+            '<button name="deny" value="yes">Deny</button></form>'
+        )
+        return web.Response(text=page, content_type="text/html")
+
+    async def approve(self, request: web.Request) -> web.Response:
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        answer = {"state": form.get("state", ""), "iss": self.issuer}
+        if "deny" in form:
+            answer["error"] = "access_denied"
+        else:
+            answer["code"] = code = secrets.token_urlsafe(16)
+            self.codes[code] = (form["user"], form["redirect_uri"], form["code_challenge"])
+        raise web.HTTPFound(f"{form['redirect_uri']}?{urlencode(answer)}")
+
+    async def metadata(self, request: web.Request) -> web.Response:
+        """RFC 8414 authorization server metadata."""
+        return web.json_response(
+            {
+                "issuer": self.issuer,
+                "authorization_endpoint": f"{self.issuer}/authorize",
+                "token_endpoint": f"{self.issuer}/token",
+                "code_challenge_methods_supported": ["S256"],
+                "authorization_response_iss_parameter_supported": True,
+            }
+        )
+
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post("/token", self.token)
+        app.router.add_get("/authorize", self.sign_in_page)
+        app.router.add_post("/authorize", self.approve)
+        app.router.add_get("/.well-known/oauth-authorization-server", self.metadata)
         return app
 
 
@@ -143,6 +208,15 @@ class DevStack:
                 f"  curl -s {admin}/metrics | grep '^sidecar_'     # refreshes, retries, requests",
                 f"Tokens live {self.provider.lifetime:.0f} s; the background refresher renews them "
                 "before they expire (watch token_refreshed in the log).",
+                "",
+                "The demo provider's settings, for a config of your own (the README's Quickstart "
+                "uses them):",
+                "  [[provider]]",
+                '  name = "example"',
+                f'  issuer = "{self.provider_url}"',
+                '  client_id = "demo"',
+                '  auth_method = "none"',
+                f'  # the demo API, for [[upstream]]: target = "{self.api_url}"',
             ]
         )
 
@@ -160,12 +234,15 @@ async def start_dev(
     state_dir: Path | None = None,
     proxy_port: int = 8081,
     admin_port: int = 9901,
+    provider_port: int = 0,
+    api_port: int = 0,
     lifetime: float = 20.0,
     registry: CollectorRegistry | None = None,
 ) -> DevStack:
     provider = DemoProvider(clock, lifetime)
-    idp_runner, idp_url = await _serve(provider.app(), 0)
-    api_runner, api_url = await _serve(demo_api(provider), 0)
+    idp_runner, idp_url = await _serve(provider.app(), provider_port)
+    provider.issuer = idp_url
+    api_runner, api_url = await _serve(demo_api(provider), api_port)
     state = state_dir or Path(tempfile.mkdtemp(prefix="sidecar-dev-"))
     key_file = state / "store.key"
     key_file.write_text(generate_key())

@@ -24,6 +24,7 @@ from sidecar import config as config_module
 from sidecar.admin import AdminApi
 from sidecar.app import Sidecar
 from sidecar.credentials.accounts import AccountService
+from sidecar.credentials.logins import Logins
 from sidecar.errors import ConfigError
 from sidecar.logs import JsonFormatter
 from sidecar.metrics import Metrics
@@ -706,7 +707,13 @@ async def test_the_served_openapi_document_describes_every_route(start, client) 
     status, _, body = await admin(client, sidecar, "GET", "/openapi.json")
     assert status == 200 and body == SPEC
     api = AdminApi(
-        MemoryStore(), Metrics(), (), lambda: True, cast(AccountService, object()), "t" * 16
+        MemoryStore(),
+        Metrics(),
+        (),
+        lambda: True,
+        cast(AccountService, object()),
+        "t" * 16,
+        cast(Logins, object()),
     )
     routes = {(route.method.lower(), route.template) for route in api.routes}
     documented_routes = {

@@ -33,6 +33,7 @@ from sidecar.errors import (
 )
 from sidecar.grants.authorization_code import AuthorizationCodeGrant
 from sidecar.grants.base import TokenEndpoint
+from sidecar.grants.discovery import Endpoints, endpoints_for
 from sidecar.grants.revocation import Revocation
 from sidecar.http.client import HttpClient
 from sidecar.model import AccountState, Clock, Credential, Token, TokenState, fingerprint
@@ -200,8 +201,8 @@ class AccountService:
 
     async def put(self, provider: str, account: str, body: object) -> Stored:
         """Import or replace an account's token pair; the account becomes active again."""
-        cfg = self._pair_provider(provider)
-        problems = _account_problems(account)
+        cfg = self.pair_provider(provider)
+        problems = account_problems(account)
         token = _parse_pair(body, self._clock(), cfg.grant == "refresh_token", problems)
         if problems or token is None:
             raise InvalidInput(problems)
@@ -209,8 +210,8 @@ class AccountService:
 
     async def authorize(self, provider: str, account: str, body: object) -> Stored:
         """Exchange an authorization code for the account's pair (RFC 6749 §4.1.3)."""
-        self._pair_provider(provider)
-        problems = _account_problems(account)
+        self.pair_provider(provider)
+        problems = account_problems(account)
         code, redirect_uri, verifier = _parse_authorization(body, problems)
         if problems:
             raise InvalidInput(problems)
@@ -285,6 +286,8 @@ class AccountService:
         if token.access_token and token.state(self._clock(), 0) is not TokenState.INVALID:
             todo.append((token.access_token, "access_token"))
         try:
+            if await revoker.url() is None:  # discovered: the provider has no endpoint
+                return "not_configured"
             for secret, hint in todo:
                 await revoker.revoke(secret, hint)
         except GrantError as exc:
@@ -313,7 +316,8 @@ class AccountService:
         )
         return Stored(await self.get(provider, account), created)
 
-    def _pair_provider(self, name: str) -> ProviderConfig:
+    def pair_provider(self, name: str) -> ProviderConfig:
+        """The provider, when its accounts hold pairs an operator brings (else an error)."""
         cfg = self.provider(name)
         if cfg.grant not in PAIR_GRANTS:
             raise GrantNotSupported(
@@ -353,8 +357,10 @@ def make_account_service(
     credentials: CredentialManager,
     clock: Clock,
     changed: Callable[[str, str], None] = lambda provider, account: None,
+    discovered: Mapping[str, Endpoints] | None = None,
 ) -> AccountService:
-    endpoints = {p.name: TokenEndpoint(http, p, clock) for p in providers}
+    found = discovered or endpoints_for(providers)
+    endpoints = {p.name: TokenEndpoint(http, p, clock, found[p.name]) for p in providers}
     return AccountService(
         store,
         cipher,
@@ -363,7 +369,9 @@ def make_account_service(
         clock,
         authorizers={name: AuthorizationCodeGrant(e) for name, e in endpoints.items()},
         revokers={
-            p.name: Revocation(http, p, endpoints[p.name]) for p in providers if p.revocation_url
+            p.name: Revocation(http, p, endpoints[p.name])
+            for p in providers
+            if p.revocation_url or p.issuer
         },
         changed=changed,
     )
@@ -385,7 +393,7 @@ def _decode_cursor(cursor: str) -> str:
         return ""
 
 
-def _account_problems(account: str) -> list[str]:
+def account_problems(account: str) -> list[str]:
     if not account or len(account) > MAX_ACCOUNT_CHARS or not account.isprintable():
         return [f"account: must be 1 to {MAX_ACCOUNT_CHARS} printable characters"]
     return []

@@ -29,7 +29,9 @@ class AssertionSigner:
             raise ValueError(f"provider {provider.name!r} has no signing key configured")
         self._settings = provider.assertion
         self._client_id = provider.client_id
-        self._audience = provider.assertion.audience or provider.token_url
+        # Without a token_url (discovered later), the issuer identifier is an audience
+        # RFC 7523 §3 item 3 allows as well.
+        self._audience = provider.assertion.audience or provider.token_url or provider.issuer or ""
         self._clock = clock
 
     def for_grant(self) -> str:

@@ -18,6 +18,7 @@ from urllib.parse import quote_plus, urlencode
 from sidecar.config import ProviderConfig, ProviderQuirks
 from sidecar.errors import FatalGrantError, TransientGrantError
 from sidecar.grants.assertion import CLIENT_ASSERTION_TYPE, AssertionSigner
+from sidecar.grants.discovery import Endpoints
 from sidecar.grants.quirks import STANDARD, oauth_error
 from sidecar.http.client import ConnectFailed, HttpClient, UpstreamError
 from sidecar.model import Clock, Token
@@ -44,20 +45,28 @@ class Grant(Protocol):
 class TokenEndpoint:
     """POSTs grant parameters with the client's credentials and parses the answer."""
 
-    def __init__(self, http: HttpClient, provider: ProviderConfig, clock: Clock) -> None:
+    def __init__(
+        self,
+        http: HttpClient,
+        provider: ProviderConfig,
+        clock: Clock,
+        endpoints: Endpoints | None = None,
+    ) -> None:
         self._http = http
         self._provider = provider
+        self.endpoints = endpoints or Endpoints(provider)
         self._clock = clock
         self._signer = (
             AssertionSigner(provider, clock) if provider.auth_method == "private_key_jwt" else None
         )
 
     async def request(self, params: Mapping[str, str]) -> Token:
+        url = await self.endpoints.token_url()  # DiscoveryFailed before anything is sent
         form, headers = self._authenticate(dict(params))
         received_at = self._clock()  # expiry counts from the request, erring early
         try:
             reply = await self._http.post(
-                self._provider.token_url,
+                url,
                 urlencode(self._fields(form)).encode("ascii"),
                 headers,
                 self._provider.timeout_seconds,

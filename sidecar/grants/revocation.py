@@ -22,10 +22,14 @@ TokenHint = Literal["access_token", "refresh_token"]
 
 class Revocation:
     def __init__(self, http: HttpClient, provider: ProviderConfig, endpoint: TokenEndpoint) -> None:
-        if provider.revocation_url is None:
+        if provider.revocation_url is None and provider.issuer is None:
             raise ValueError(f"provider {provider.name!r} has no revocation_url")
-        self._http, self._url, self._endpoint = http, provider.revocation_url, endpoint
+        self._http, self._endpoint = http, endpoint
         self._timeout = provider.timeout_seconds
+
+    async def url(self) -> str | None:
+        """The configured endpoint, else the discovered one (None: the provider has none)."""
+        return await self._endpoint.endpoints.revocation_url()
 
     async def revoke(self, token: str, hint: TokenHint) -> bool:
         """True when the token is revoked (or was already invalid); False when the provider
@@ -33,8 +37,11 @@ class Revocation:
         # Client authentication exactly as at the token endpoint (§2.1).
         form, headers = self._endpoint._authenticate({"token": token, "token_type_hint": hint})
         body = urlencode(form).encode("ascii")
+        url = await self.url()
+        if url is None:
+            raise ValueError("no revocation endpoint: check url() first")
         try:
-            reply = await self._http.post(self._url, body, headers, self._timeout)
+            reply = await self._http.post(url, body, headers, self._timeout)
         except (TimeoutError, UpstreamError) as exc:
             raise TransientGrantError(f"revocation failed: {type(exc).__name__}") from None
         return classify_revocation(reply.status, reply.headers, reply.body)
