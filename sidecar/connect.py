@@ -29,7 +29,7 @@ from sidecar.model import Clock, system_clock
 DEFAULT_REDIRECT_URI = "http://127.0.0.1/callback"
 
 
-class ConnectFailed(SidecarError):
+class LoginFailed(SidecarError):
     """The login could not be run or did not finish."""
 
 
@@ -42,7 +42,7 @@ def loopback_redirect(uri: str) -> tuple[str, int, str]:
     except ValueError:
         loopback = False
     if parts.scheme != "http" or not loopback or parts.query or parts.fragment:
-        raise ConnectFailed(
+        raise LoginFailed(
             f"redirect URI {uri!r} is not a loopback http URI (http://127.0.0.1[:PORT]/PATH), "
             "which is what `connect` listens on; use --redirect-uri, or the admin API's connect"
         )
@@ -63,7 +63,7 @@ async def connect(
     """Run one login: ``show(authorization_url, redirect_uri)`` once the listener is up, then
     wait for the callback; the pair is stored when this returns."""
     if provider not in {p.name for p in cfg.providers}:
-        raise ConnectFailed(f"no provider named {provider!r}")
+        raise LoginFailed(f"no provider named {provider!r}")
     uri = redirect_uri or cfg.provider(provider).redirect_uri or DEFAULT_REDIRECT_URI
     host, port, path = loopback_redirect(uri)
     endpoints = endpoints_for(cfg.providers)
@@ -74,7 +74,7 @@ async def connect(
         try:
             bound = await server.listen(host, port)
         except OSError as exc:
-            raise ConnectFailed(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+            raise LoginFailed(f"cannot listen on {host}:{port}: {exc.strerror}") from None
         try:
             netloc = f"[{host}]" if ":" in host else host
             actual = f"http://{netloc}:{bound[1]}{path}"
@@ -84,7 +84,7 @@ async def connect(
         finally:
             await server.close(5.0)  # the browser gets its page before the process exits
     if outcome.error is not None:
-        raise ConnectFailed(str(outcome.error))
+        raise LoginFailed(str(outcome.error))
     assert outcome.stored is not None
     return outcome.stored
 
@@ -94,7 +94,7 @@ async def _wait(done: asyncio.Future[Outcome], seconds: float) -> Outcome:
         async with asyncio.timeout(seconds):
             return await done
     except TimeoutError:
-        raise ConnectFailed(f"no sign-in completed within {seconds:.0f} s") from None
+        raise LoginFailed(f"no sign-in completed within {seconds:.0f} s") from None
 
 
 class _Listener:

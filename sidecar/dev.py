@@ -27,6 +27,7 @@ from sidecar import config as config_module
 from sidecar.app import Sidecar
 from sidecar.credentials.maintenance import import_credentials
 from sidecar.crypto import TokenCipher, generate_key
+from sidecar.errors import ListenError
 from sidecar.grants.authorization_code import code_challenge
 from sidecar.model import Clock, Credential, Token, fingerprint
 
@@ -221,10 +222,16 @@ class DevStack:
         )
 
 
-async def _serve(app: web.Application, port: int) -> tuple[web.AppRunner, str]:
+async def _serve(app: web.Application, port: int, name: str) -> tuple[web.AppRunner, str]:
+    """Serve a demo app on 127.0.0.1; a port in use is the same one-line error as the sidecar's."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+    except OSError as exc:
+        await runner.cleanup()
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise ListenError(name, "127.0.0.1", port, reason.lower()) from None
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
@@ -240,9 +247,13 @@ async def start_dev(
     registry: CollectorRegistry | None = None,
 ) -> DevStack:
     provider = DemoProvider(clock, lifetime)
-    idp_runner, idp_url = await _serve(provider.app(), provider_port)
+    idp_runner, idp_url = await _serve(provider.app(), provider_port, "demo provider")
     provider.issuer = idp_url
-    api_runner, api_url = await _serve(demo_api(provider), api_port)
+    try:
+        api_runner, api_url = await _serve(demo_api(provider), api_port, "demo API")
+    except ListenError:
+        await idp_runner.cleanup()
+        raise
     state = state_dir or Path(tempfile.mkdtemp(prefix="sidecar-dev-"))
     key_file = state / "store.key"
     key_file.write_text(generate_key())

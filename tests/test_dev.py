@@ -47,5 +47,8 @@ async def test_dev_stack_shows_injection_refresh_and_retry(tmp_path) -> None:
                 assert (resp.status, (await resp.json())["error"]) == (400, "invalid_grant")
         text = stack.instructions()
         assert proxy in text and "/metrics" in text and "demo/revoke" in text
+        # Its provider's settings, for the README's Quickstart.
+        assert f'  issuer = "{stack.provider_url}"' in text
+        assert '  client_id = "demo"' in text and f'target = "{stack.api_url}"' in text
     finally:
         await stack.stop()

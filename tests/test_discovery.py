@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 from sidecar import config as config_module
 from sidecar.app import Sidecar
 from sidecar.config import ProviderConfig
+from sidecar.errors import ConfigError
 from sidecar.grants.discovery import DiscoveryFailed, Endpoints, metadata_urls
 from tests.conftest import base_config, seed
 from tests.fakes import FakeTokenEndpoint, FakeUpstream, ManualClock
@@ -173,3 +174,30 @@ async def test_check_config_online_shows_what_was_found(
     metadata.document["issuer"] = "https://elsewhere.example"
     rc, out, _ = await run_sidecar("check-config", "--config", str(config), "--online")
     assert rc == 1 and "discovery failed" in out and "elsewhere.example" in out
+
+
+def test_issuer_makes_token_url_optional_and_every_url_is_checked(secrets_dir: Path) -> None:
+    raw = base_config(
+        secrets_dir, "", "http://127.0.0.1:9", provider={"issuer": "https://idp.example"}
+    )
+    del raw["provider"][0]["token_url"]
+    cfg = config_module.parse(raw, {}, secrets_dir).providers[0]
+    assert (cfg.issuer, cfg.token_url, cfg.authorization_url) == ("https://idp.example", "", None)
+
+    del raw["provider"][0]["issuer"]
+    raw["provider"][0] |= {"authorization_url": "ftp://x", "redirect_uri": "callback"}
+    with pytest.raises(ConfigError) as caught:
+        config_module.parse(raw, {}, secrets_dir)
+    assert caught.value.problems == [
+        "provider[0].token_url: is required",
+        "provider[0].authorization_url: must be an http(s) URL, got 'ftp://x'",
+        "provider[0].redirect_uri: must be an http(s) URL, got 'callback'",
+    ]
+    raw["provider"][0] = {**raw["provider"][0], "issuer": "https://idp.example/?x=1"}
+    raw["provider"][0].pop("authorization_url"), raw["provider"][0].pop("redirect_uri")
+    with pytest.raises(ConfigError) as caught:
+        config_module.parse(raw, {}, secrets_dir)
+    assert caught.value.problems == [
+        "provider[0].issuer: must be an http(s) URL without query or fragment, "
+        "got 'https://idp.example/?x=1'"
+    ]

@@ -4,6 +4,7 @@ an error page, and none of these ever reaches the token endpoint."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -11,12 +12,15 @@ import aiohttp
 import pytest
 
 from sidecar.app import Sidecar
-from sidecar.connect import loopback_redirect
+from sidecar.connect import LoginFailed, loopback_redirect
 from sidecar.credentials.logins import LOGIN_TTL_SECONDS
 from sidecar.grants.authorization_code import code_challenge
 from tests import test_admin_api
+from tests.conftest import base_config
 from tests.fakes import ManualClock
+from tests.test_accounts_cli import sidecar
 from tests.test_admin_api import AuthServer, Start, admin
+from tests.test_cli import write_config
 
 # The admin API tests' fixtures: a sidecar with an admin token, and the fake server.
 idp, start = test_admin_api.idp, test_admin_api.start
@@ -157,7 +161,17 @@ def test_loopback_redirect_uris(uri: str, bound: tuple[str, int, str]) -> None:
     ],
 )
 def test_connect_refuses_a_redirect_uri_it_cannot_listen_on(uri: str) -> None:
-    from sidecar.connect import ConnectFailed
-
-    with pytest.raises(ConnectFailed, match="not a loopback http URI"):
+    with pytest.raises(LoginFailed, match="not a loopback http URI"):
         loopback_redirect(uri)
+
+
+async def test_connect_command_refuses_a_redirect_uri_it_cannot_receive(secrets_dir: Path) -> None:
+    raw = base_config(secrets_dir, "http://127.0.0.1:9/token", "http://127.0.0.1:9")
+    raw["provider"][0]["authorization_url"] = AUTHORIZE
+    config = write_config(secrets_dir, raw)
+    args = ("accounts", "connect", "--config", str(config), "--provider", "example")
+    rc, out, err = await sidecar(
+        *args, "--account", "a", "--redirect-uri", "https://app.example/cb"
+    )
+    assert (rc, out) == (1, "")
+    assert "is not a loopback http URI" in err

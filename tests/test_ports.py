@@ -62,9 +62,10 @@ def test_run_on_a_port_in_use_prints_one_line_and_exits_2(
 
 
 async def test_a_second_sidecar_dev_prints_one_line_and_exits_2() -> None:
-    port, admin_port = free_port(), free_port()
+    port, admin_port, provider_port = free_port(), free_port(), free_port()
     command = [sys.executable, "-m", "sidecar", "dev", "--port", str(port)]
-    command += ["--admin-port", str(admin_port)]
+    command += ["--admin-port", str(admin_port), "--provider-port", str(provider_port)]
+    command += ["--api-port", "0"]
     first = await asyncio.create_subprocess_exec(
         *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
     )
@@ -79,8 +80,8 @@ async def test_a_second_sidecar_dev_prints_one_line_and_exits_2() -> None:
         assert second.returncode == 2, err.decode()
         assert out == b""
         assert own_lines(err.decode()) == [
-            f"error: cannot listen on 127.0.0.1:{admin_port} for the admin listener: "
-            "address already in use"  # the admin listener is bound first
+            f"error: cannot listen on 127.0.0.1:{provider_port} for the demo provider listener: "
+            "address already in use"  # the demo provider is bound first
         ]
     finally:
         first.terminate()
