@@ -196,14 +196,16 @@ class Browser:
     async def close(self) -> None:
         await self.session.close()
 
-    async def sign_in(self, authorization_url: str) -> tuple[int, str, str]:
-        """(status, page, final URL) after logging in and pressing Authorize."""
+    async def sign_in(self, authorization_url: str, approve: bool = True) -> tuple[int, str, str]:
+        """(status, page, final URL) after logging in and pressing Authorize (or Cancel)."""
         async with self.session.get(authorization_url) as resp:  # -> the login page
             login_url, page = str(resp.url), await resp.text()
         fields = form_fields(page) | {"username": USERNAME, "password": PASSWORD}
         async with self.session.post(login_url, data=fields) as resp:  # -> the consent page
             consent_url, page = str(resp.url), await resp.text()
-        fields = form_fields(page) | {"allow": "Authorize"}
+        fields = form_fields(page)  # holds the Authorize button; Cancel is unnamed
+        if not approve:
+            del fields["allow"]
         async with self.session.post(consent_url, data=fields) as resp:  # -> the redirect URI
             return resp.status, await resp.text(), str(resp.url)
 

@@ -23,6 +23,7 @@ from sidecar.app import Sidecar
 from tests.authserver import CLIENT_ID, CLIENT_SECRET, Browser, Dot, start_dot
 from tests.conftest import base_config, write_secret
 from tests.test_accounts_cli import accounts, stored_token
+from tests.test_accounts_cli import sidecar as run_sidecar
 from tests.test_cli import write_config
 
 ADMIN_TOKEN = "admin-token-for-login-tests"
@@ -129,3 +130,31 @@ async def test_admin_api_connect_and_callback_against_a_real_server(
             assert status == 400 and "Unknown or used sign-in link" in page
     finally:
         await sidecar.stop()
+
+
+async def test_cancel_at_the_server_ends_connect_with_its_error_and_nothing_stored(
+    dot: Dot, secrets_dir: Path, browser: Browser
+) -> None:
+    config = write_config(secrets_dir, dot_config(secrets_dir, dot))
+    proc, url = await connect_process(config, "carol")
+    status, page, _ = await browser.sign_in(url, approve=False)
+    _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert (status, proc.returncode) == (400, 1)
+    assert "Sign-in was not completed" in page and "access_denied" in page
+    assert "access_denied" in err.decode()
+    assert await stored_token(config, "carol") is None
+
+
+async def test_check_config_online_shows_the_real_servers_endpoints(
+    dot: Dot, secrets_dir: Path
+) -> None:
+    config = write_config(secrets_dir, dot_config(secrets_dir, dot))
+    rc, out, err = await run_sidecar("check-config", "--config", str(config), "--online")
+    assert rc == 0, err
+    assert out.splitlines()[1:] == [
+        f"provider 'example': issuer {dot.issuer} "
+        f"({dot.issuer}/.well-known/oauth-authorization-server)",
+        f"  token_url = {dot.issuer}/o/token/",
+        f"  authorization_url = {dot.issuer}/o/authorize/",
+        f"  revocation_url = {dot.issuer}/o/revoke_token/",
+    ]
