@@ -4,6 +4,7 @@ an error page, and none of these ever reaches the token endpoint."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -21,6 +22,7 @@ from tests.fakes import ManualClock
 from tests.test_accounts_cli import sidecar
 from tests.test_admin_api import AuthServer, Start, admin
 from tests.test_cli import write_config
+from tests.test_login_dot import connect_process
 
 # The admin API tests' fixtures: a sidecar with an admin token, and the fake server.
 idp, start = test_admin_api.idp, test_admin_api.start
@@ -175,3 +177,26 @@ async def test_connect_command_refuses_a_redirect_uri_it_cannot_receive(secrets_
     )
     assert (rc, out) == (1, "")
     assert "is not a loopback http URI" in err
+
+
+async def test_connect_listener_shows_unknown_states_an_error_and_keeps_waiting(
+    secrets_dir: Path, idp: AuthServer
+) -> None:
+    raw = base_config(secrets_dir, idp.url, "http://127.0.0.1:9")  # type: ignore[attr-defined]
+    raw["provider"][0]["authorization_url"] = AUTHORIZE
+    proc, url = await connect_process(write_config(secrets_dir, raw), "main")
+    callback = redirect_with_code(idp, {"authorization_url": url})
+    async with aiohttp.ClientSession() as browser:
+        forged = callback.replace("state=", "state=x")
+        status, page = await browse(browser, forged)
+        assert (status, idp.calls) == (400, 0)
+        assert "Unknown or used sign-in link" in page
+        status, page = await browse(browser, callback.split("?")[0].rsplit("/", 1)[0] + "/other")
+        assert status == 404
+        status, page = await browse(browser, callback)
+        assert (status, idp.calls) == (200, 1), page
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, err.decode()
+    assert "connected new account 'main' of provider 'example'" in out.decode()
+    code = parse_qs(urlsplit(callback).query)["code"][0]
+    assert code not in out.decode() + err.decode()
