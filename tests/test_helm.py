@@ -558,6 +558,12 @@ BAD_VALUES = {
         "/config/providers/0",
         "clientSecretRef",
     ),
+    "provider without token_url or issuer": (
+        one_provider(token_url=None),
+        "/config/providers/0",
+        "token_url",
+    ),
+    "issuer not a URL": (one_provider(issuer="idp"), "/config/providers/0/issuer", ""),
     "misspelled top-level key": ({"podmonitor": {"enabled": True}}, "podmonitor", "not allowed"),
     "switch as a string": (
         {"nativeSidecar": {"enabled": "yes"}},
@@ -694,3 +700,15 @@ def test_inject_adds_the_sidecar_to_another_charts_pod_spec(helm: str, tmp_path:
     assert spec["securityContext"] == {"fsGroup": 2000, "runAsNonRoot": True}
     labels = job["spec"]["template"]["metadata"]["labels"]
     assert labels == {"oauth-sidecar/release": "r-oauth-sidecar"}
+
+
+def test_a_provider_may_name_only_its_issuer(run_helm) -> None:
+    values = one_provider(
+        token_url=None,
+        issuer="https://auth.example.com",
+        authorization_url="https://auth.example.com/authorize",
+        redirect_uri="https://sidecar.example.com/oauth/callback",
+    )
+    result = run_helm("template", values)
+    assert result.returncode == 0, result.stderr
+    assert 'issuer = "https://auth.example.com"' in result.stdout
