@@ -131,7 +131,8 @@ class ProviderConfig:
     max_refreshes_per_second: float = 25.0
     # Background refresh: an access token is refreshed once this share of its lifetime is
     # left (at least refresh_lead_seconds, at most half the lifetime), minus per-account jitter.
-    refresh_lead_fraction: float = 0.2
+    # With the jitter, 10-20 % is left: at most 1.25 refreshes per lifetime (0.2 gave 1.43).
+    refresh_lead_fraction: float = 0.1
     refresh_lead_seconds: float = 0.0
     refresh_jitter_fraction: float = 0.1
     refresh_token_lifetime_seconds: float | None = None  # keepalive: refresh before it lapses
@@ -481,7 +482,7 @@ def _provider(
         backoff_initial_seconds=r.positive("backoff_initial_seconds", float, 1.0),
         backoff_max_seconds=r.positive("backoff_max_seconds", float, 300.0),
         max_refreshes_per_second=r.positive("max_refreshes_per_second", float, 25.0),
-        refresh_lead_fraction=_fraction(r, "refresh_lead_fraction", 0.2),
+        refresh_lead_fraction=_fraction(r, "refresh_lead_fraction", 0.1),
         refresh_lead_seconds=r.get("refresh_lead_seconds", float, 0.0),
         refresh_jitter_fraction=_fraction(r, "refresh_jitter_fraction", 0.1),
         refresh_token_lifetime_seconds=r.positive("refresh_token_lifetime_seconds", float, None),

@@ -138,13 +138,20 @@ async def seed(
     account: str = "main",
     expires_in: float | None = 3600,
     provider: str = "example",
+    lifetime: float | None = None,
 ) -> Token:
-    """Import a first token pair the fakes accept, as `sidecar accounts import` would."""
+    """Import a first token pair the fakes accept, as `sidecar accounts import` would.
+
+    ``lifetime``: the pair was received that long before it expires (default: received now,
+    so its lifetime is ``expires_in``). A 1-h token with 30 s left is inside the 60-s skew;
+    a 30-s token received now is not (the skew is at most a tenth of the lifetime).
+    """
     access, refresh = idp.grant(account)
     api.valid.add(access)
     token = Token(access, refresh, None if expires_in is None else clock() + expires_in)
+    received = clock() if lifetime is None or expires_in is None else token.expires_at - lifetime
     cipher = TokenCipher(sidecar.config.store.keys)
-    cred = Credential(provider, account, token, 0, refreshed_at=clock())
+    cred = Credential(provider, account, token, 0, refreshed_at=received)
     await import_credentials(sidecar.store, cipher, [cred])
     return token
 
