@@ -303,6 +303,8 @@ def _store(table: dict[str, Any], problems: list[str], base_dir: Path) -> StoreC
         url = text.strip() if text is not None else url
     if not url.startswith(("sqlite://", "postgresql://", "postgres://", "memory://")):
         r.problem("url", "must start with sqlite://, postgresql:// or memory://")
+    elif url.startswith("sqlite://"):
+        url = _sqlite_url(url, base_dir, r)
     key_file = r.get("key_file", str, "", required=True)
     keys: tuple[bytes, ...] = ()
     if key_file:
@@ -310,6 +312,16 @@ def _store(table: dict[str, Any], problems: list[str], base_dir: Path) -> StoreC
     retry = _seconds(r, "connect_retry_seconds", 60.0)
     r.finish()
     return StoreConfig(url, key_file, keys, retry)
+
+
+def _sqlite_url(url: str, base_dir: Path, r: _Reader) -> str:
+    """The URL with its path made absolute against the config file's directory, like every
+    other path in the file: every command then opens the same database, wherever it runs."""
+    path = url.removeprefix("sqlite://")
+    if not path:
+        r.problem("url", "sqlite:// needs a path, e.g. sqlite://tokens.db")
+        return url
+    return f"sqlite://{_resolve(path, base_dir).absolute()}"
 
 
 def _read_keys(path: Path, r: _Reader) -> tuple[bytes, ...]:
