@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -18,25 +19,14 @@ from sidecar import config as config_module
 from sidecar.crypto import generate_key
 from tests.conftest import CLIENT_SECRET, base_config, write_secret
 from tests.fakes import FakeTokenEndpoint, FakeUpstream
+from tests.test_accounts_cli import sidecar
 from tests.test_cli import free_port, wait_ready
 from tests.test_config import problems_of
 
 
-async def sidecar(cwd: Path, *args: str, stdin: str = "") -> tuple[int, str, str]:
-    """Run one command in a child process from ``cwd``; the fakes serve on this loop."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "sidecar",
-        *args,
-        cwd=cwd,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(stdin.encode()), 60)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+async def run_in(cwd: Path, command: str, stdin: str = "") -> tuple[int, str, str]:
+    """A ``sidecar`` command (split as a shell would) run in a child process from ``cwd``."""
+    return await sidecar(*shlex.split(command), stdin=stdin, cwd=cwd)
 
 
 def relative_config(sub: Path, token_url: str, target: str) -> tuple[int, int]:
@@ -71,22 +61,21 @@ async def test_every_command_uses_the_store_beside_the_config_file(
     )
 
     # From the config file's parent, as in "sidecar accounts import --config sub/config.toml".
-    code, out, err = await sidecar(
-        tmp_path, "accounts", "import", "--config", "sub/config.toml", "--provider", "example",
-        stdin=line,
-    )  # fmt: skip
+    code, out, err = await run_in(
+        tmp_path, "accounts import --config sub/config.toml --provider example", stdin=line
+    )
     assert (code, out.strip()) == (0, "imported 1 account(s) into provider 'example'"), err
     assert (tmp_path / "sub" / "tokens.db").exists()
     assert not (tmp_path / "tokens.db").exists()
 
     rel = "../sub/config.toml"  # from a sibling directory from now on
-    code, out, err = await sidecar(
-        elsewhere, "accounts", "list", "--config", rel, "--provider", "example", "--json"
+    code, out, err = await run_in(
+        elsewhere, f"accounts list --config {rel} --provider example --json"
     )
     assert code == 0, err
     assert [json.loads(x)["account"] for x in out.splitlines()] == ["main"]
 
-    code, out, err = await sidecar(elsewhere, "check-config", "--config", rel)
+    code, out, err = await run_in(elsewhere, f"check-config --config {rel}")
     assert code == 0 and "decrypt all 1 stored row(s)" in out, (out, err)
     # The imported token lives 4 s: the default 60-s skew is cut to a tenth of that.
     assert err.splitlines() == [
@@ -95,22 +84,27 @@ async def test_every_command_uses_the_store_beside_the_config_file(
         "of a token's lifetime"
     ]
 
-    code, out, err = await sidecar(elsewhere, "keys", "rotate", "--config", rel)
+    code, out, err = await run_in(elsewhere, f"keys rotate --config {rel}")
     assert code == 0 and out.startswith("re-encrypted 0 row(s)"), (out, err)
 
     idp.expires_in = 3600
     api.valid.add("access-2")
-    code, out, err = await sidecar(
-        elsewhere, "accounts", "refresh", "--config", rel, "--provider", "example",
-        "--account", "main",
-    )  # fmt: skip
+    code, out, err = await run_in(
+        elsewhere, f"accounts refresh --config {rel} --provider example --account main"
+    )
     assert code == 0 and out.startswith("refreshed account 'main'"), (out, err)
     assert idp.requests[-1]["refresh_token"] == refresh
 
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sidecar", "run", "--config", rel, cwd=elsewhere,
+        sys.executable,
+        "-m",
+        "sidecar",
+        "run",
+        "--config",
+        rel,
+        cwd=elsewhere,
         stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    )
     try:
         await wait_ready(f"http://127.0.0.1:{admin_port}/readyz", proc)
         async with (
