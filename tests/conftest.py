@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from sidecar import config as config_module
@@ -43,6 +44,22 @@ async def api(aiohttp_server: Any) -> AsyncIterator[FakeUpstream]:
     server = await aiohttp_server(fake.app())
     fake.url = str(server.make_url(""))  # type: ignore[attr-defined]
     yield fake
+
+
+@pytest.fixture
+async def refreshed_only_upstream(aiohttp_server: Any, idp: FakeTokenEndpoint) -> str:
+    """An API that accepts only access tokens the fake issued by refreshing (not the seed)."""
+
+    async def handle(request: web.Request) -> web.Response:
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if token not in idp.issued_access[1:]:
+            return web.json_response({"upstream": "unauthorized"}, status=401)
+        return web.json_response({"token": token})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handle)
+    server = await aiohttp_server(app)
+    return str(server.make_url("")).rstrip("/")
 
 
 def write_secret(path: Path, text: str) -> Path:
