@@ -25,9 +25,10 @@ from typing import NoReturn
 
 import pytest
 
+from tests.hostile.app import AppConnection
 from tests.hostile.conftest import MakeRig
-from tests.hostile.harness import AppConnection, RecordingUpstream, Reply
 from tests.hostile.request_cases import Case, all_cases
+from tests.hostile.target import RecordingUpstream, Reply
 from tests.hostile.test_request_side import script_for
 
 NGINX = os.environ.get("SIDECAR_TEST_NGINX", "/usr/sbin/nginx")  # Debian nginx-light 1.22
