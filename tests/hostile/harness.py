@@ -1,8 +1,8 @@
 """The hostile-input harness: every assertion is about bytes that crossed a socket.
 
-- ``RecordingUpstream`` (target.py): the target, a raw asyncio server that records every byte of every
-  connection and answers with a script the test gives (raw bytes per request, then keep the
-  connection, close it, or hold it without answering). Its requests are split with llhttp
+- ``RecordingUpstream`` (target.py): the target, a raw asyncio server that records every byte
+  of every connection and answers with a script the test gives (raw bytes per request, then
+  keep the connection, close it, or hold it without answering). Its requests are split with llhttp
   only to know when to answer and what to compare; the checks also look at the raw bytes.
 - A second ``RecordingUpstream`` plays a host the app names (absolute-form, Host, CONNECT):
   it must never receive a connection, let alone a byte.
