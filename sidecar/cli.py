@@ -32,6 +32,7 @@ from sidecar.credentials.accounts import AccountService, InvalidInput, ListQuery
 from sidecar.credentials.maintenance import (
     BadImport,
     check_keys,
+    clamped_settings,
     import_credentials,
     parse_import,
     rotate_keys,
@@ -193,11 +194,14 @@ def _print_problems(problems: list[str], out: TextIO) -> None:
 def _check_config(args: argparse.Namespace) -> int:
     cfg = _load(args)
     url = cfg.store.url
+    warnings: list[str] = []
     if url.startswith("sqlite://") and not Path(sqlite_path(url)).exists():
         store = "the store is empty (no database file yet)"  # not created by a check
     else:
-        store = asyncio.run(_check_store(cfg))
+        store, warnings = asyncio.run(_check_store(cfg))
     print(f"ok: {len(cfg.providers)} provider(s), {len(cfg.upstreams)} upstream(s); {store}")
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if getattr(args, "online", False):
         from sidecar.grants.discovery import describe_discovery
 
@@ -207,8 +211,9 @@ def _check_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def _check_store(cfg: Config) -> str:
-    """Whether the key file decrypts what the store holds (ConfigError when it cannot).
+async def _check_store(cfg: Config) -> tuple[str, list[str]]:
+    """Whether the key file decrypts what the store holds (ConfigError when it cannot), and
+    the settings the stored tokens' lifetimes cut short (warnings: they work, differently).
 
     A store that cannot be reached is reported, not refused: the file may be checked where the
     database is not reachable, and ``run`` checks again at start.
@@ -216,12 +221,13 @@ async def _check_store(cfg: Config) -> str:
     try:
         store = await open_store(cfg.store.url)
     except StoreError as exc:
-        return f"the store's keys were not checked: {exc}"
+        return f"the store's keys were not checked: {exc}", []
     try:
         rows = await check_keys(store, TokenCipher(cfg.store.keys))
+        warnings = await clamped_settings(store, cfg.providers)
     finally:
         await store.close()
-    return f"the configured keys decrypt all {rows} stored row(s)"
+    return f"the configured keys decrypt all {rows} stored row(s)", warnings
 
 
 def _run(args: argparse.Namespace) -> int:

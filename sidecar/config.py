@@ -135,7 +135,8 @@ class ProviderConfig:
     max_refreshes_per_second: float = 25.0
     # Background refresh: an access token is refreshed once this share of its lifetime is
     # left (at least refresh_lead_seconds, at most half the lifetime), minus per-account jitter.
-    refresh_lead_fraction: float = 0.2
+    # With the jitter, 10-20 % is left: at most 1.25 refreshes per lifetime (0.2 gave 1.43).
+    refresh_lead_fraction: float = 0.1
     refresh_lead_seconds: float = 0.0
     refresh_jitter_fraction: float = 0.1
     refresh_token_lifetime_seconds: float | None = None  # keepalive: refresh before it lapses
@@ -306,6 +307,8 @@ def _store(table: dict[str, Any], problems: list[str], base_dir: Path) -> StoreC
         url = text.strip() if text is not None else url
     if not url.startswith(("sqlite://", "postgresql://", "postgres://", "memory://")):
         r.problem("url", "must start with sqlite://, postgresql:// or memory://")
+    elif url.startswith("sqlite://"):
+        url = _sqlite_url(url, base_dir, r)
     key_file = r.get("key_file", str, "", required=True)
     keys: tuple[bytes, ...] = ()
     if key_file:
@@ -313,6 +316,16 @@ def _store(table: dict[str, Any], problems: list[str], base_dir: Path) -> StoreC
     retry = _seconds(r, "connect_retry_seconds", 60.0)
     r.finish()
     return StoreConfig(url, key_file, keys, retry)
+
+
+def _sqlite_url(url: str, base_dir: Path, r: _Reader) -> str:
+    """The URL with its path made absolute against the config file's directory, like every
+    other path in the file: every command then opens the same database, wherever it runs."""
+    path = url.removeprefix("sqlite://")
+    if not path:
+        r.problem("url", "sqlite:// needs a path, e.g. sqlite://tokens.db")
+        return url
+    return f"sqlite://{_resolve(path, base_dir).absolute()}"
 
 
 def _read_keys(path: Path, r: _Reader) -> tuple[bytes, ...]:
@@ -497,7 +510,7 @@ def _provider(
         backoff_initial_seconds=r.positive("backoff_initial_seconds", float, 1.0),
         backoff_max_seconds=r.positive("backoff_max_seconds", float, 300.0),
         max_refreshes_per_second=r.positive("max_refreshes_per_second", float, 25.0),
-        refresh_lead_fraction=_fraction(r, "refresh_lead_fraction", 0.2),
+        refresh_lead_fraction=_fraction(r, "refresh_lead_fraction", 0.1),
         refresh_lead_seconds=r.get("refresh_lead_seconds", float, 0.0),
         refresh_jitter_fraction=_fraction(r, "refresh_jitter_fraction", 0.1),
         refresh_token_lifetime_seconds=r.positive("refresh_token_lifetime_seconds", float, None),

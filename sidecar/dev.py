@@ -57,7 +57,7 @@ class DemoProvider:
         expires_at = self.clock() + self.lifetime
         self.access[access] = (account, expires_at)
         self.refresh[refresh] = account
-        return Token(access, refresh, expires_at)
+        return Token(access, refresh, expires_at, issued_at=self.clock())
 
     def check(self, access: str) -> str | None:
         """The account an access token belongs to, if it is valid now."""

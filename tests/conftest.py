@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from sidecar import config as config_module
@@ -43,6 +44,22 @@ async def api(aiohttp_server: Any) -> AsyncIterator[FakeUpstream]:
     server = await aiohttp_server(fake.app())
     fake.url = str(server.make_url(""))  # type: ignore[attr-defined]
     yield fake
+
+
+@pytest.fixture
+async def refreshed_only_upstream(aiohttp_server: Any, idp: FakeTokenEndpoint) -> str:
+    """An API that accepts only access tokens the fake issued by refreshing (not the seed)."""
+
+    async def handle(request: web.Request) -> web.Response:
+        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        if token not in idp.issued_access[1:]:
+            return web.json_response({"upstream": "unauthorized"}, status=401)
+        return web.json_response({"token": token})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", handle)
+    server = await aiohttp_server(app)
+    return str(server.make_url("")).rstrip("/")
 
 
 def write_secret(path: Path, text: str) -> Path:
@@ -138,13 +155,20 @@ async def seed(
     account: str = "main",
     expires_in: float | None = 3600,
     provider: str = "example",
+    lifetime: float | None = None,
 ) -> Token:
-    """Import a first token pair the fakes accept, as `sidecar accounts import` would."""
+    """Import a first token pair the fakes accept, as `sidecar accounts import` would.
+
+    ``lifetime``: the pair was received that long before it expires (default: received now,
+    so its lifetime is ``expires_in``). A 1-h token with 30 s left is inside the 60-s skew;
+    a 30-s token received now is not (the skew is at most a tenth of the lifetime).
+    """
     access, refresh = idp.grant(account)
     api.valid.add(access)
     token = Token(access, refresh, None if expires_in is None else clock() + expires_in)
+    received = clock() if lifetime is None or expires_in is None else token.expires_at - lifetime
     cipher = TokenCipher(sidecar.config.store.keys)
-    cred = Credential(provider, account, token, 0, refreshed_at=clock())
+    cred = Credential(provider, account, token, 0, refreshed_at=received)
     await import_credentials(sidecar.store, cipher, [cred])
     return token
 

@@ -44,13 +44,14 @@ def config_file(secrets_dir: Path, idp: AuthServer) -> Path:
     return write_config(secrets_dir, raw)
 
 
-async def sidecar(*args: str, stdin: str = "") -> tuple[int, str, str]:
+async def sidecar(*args: str, stdin: str = "", cwd: Path | None = None) -> tuple[int, str, str]:
     """Run the command in a child process; the fakes keep serving on this loop meanwhile."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "sidecar",
         *args,
+        cwd=cwd,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

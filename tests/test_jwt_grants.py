@@ -251,7 +251,8 @@ async def test_private_key_jwt_on_refresh_token_grant(
             "signing_algorithm": keypair.algorithm,
         }
     )
-    seeded = await seed(sidecar, idp, api, clock, expires_in=10)  # STALE: refreshed first
+    # STALE: refreshed first (a 1-h token near its end)
+    seeded = await seed(sidecar, idp, api, clock, expires_in=10, lifetime=3600)
     api.valid.add("access-2")
     async with client.get(sidecar.url("api") + "/x") as resp:
         assert (resp.status, (await resp.json())["token"]) == (200, "access-2")
@@ -331,7 +332,7 @@ async def test_audience_and_resource_go_with_every_token_request(
             "extra_params": {"tenant": "t1"},
         }
     )
-    await seed(sidecar, idp, api, clock, expires_in=10)
+    await seed(sidecar, idp, api, clock, expires_in=10, lifetime=3600)
     api.valid.add("access-2")
     async with client.get(sidecar.url("api") + "/x") as resp:
         assert resp.status == 200

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 from sidecar.credentials.maintenance import import_credentials
@@ -13,18 +11,9 @@ from sidecar.crypto import TokenCipher, generate_key, key_id
 from sidecar.model import Credential, Token
 from tests.conftest import base_config, sample, write_secret
 from tests.test_cli import free_port, write_config
+from tests.test_cli import sidecar_cmd as sidecar
 
 ACCOUNT = "X-Sidecar-Account"
-
-
-def sidecar(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "sidecar", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def kid(line: str) -> str:

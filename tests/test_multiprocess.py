@@ -28,7 +28,6 @@ from typing import Any
 import aiohttp
 import pytest
 import tomli_w
-from aiohttp import web
 
 from sidecar.store import sqlite as sqlite_backend
 from tests.conftest import base_config
@@ -97,22 +96,6 @@ def shared_store(request: pytest.FixtureRequest, secrets_dir: Path) -> SharedSto
         return flock_waiters(lock)
 
     return SharedStore(f"sqlite://{path}", sqlite_waiters)
-
-
-@pytest.fixture
-async def upstream(aiohttp_server: Any, idp: FakeTokenEndpoint) -> str:
-    """An API that accepts only access tokens the fake issued by refreshing (not the seed)."""
-
-    async def handle(request: web.Request) -> web.Response:
-        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        if token not in idp.issued_access[1:]:
-            return web.json_response({"upstream": "unauthorized"}, status=401)
-        return web.json_response({"token": token})
-
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", handle)
-    server = await aiohttp_server(app)
-    return str(server.make_url("")).rstrip("/")
 
 
 @dataclass
@@ -220,9 +203,9 @@ def sidecar_cmd(*args: str) -> list[str]:
 
 @pytest.fixture
 async def cluster(
-    secrets_dir: Path, idp: FakeTokenEndpoint, upstream: str
+    secrets_dir: Path, idp: FakeTokenEndpoint, refreshed_only_upstream: str
 ) -> AsyncIterator[Cluster]:
-    running = Cluster(secrets_dir, idp, upstream)
+    running = Cluster(secrets_dir, idp, refreshed_only_upstream)
     try:
         yield running
     finally:

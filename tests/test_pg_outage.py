@@ -143,7 +143,8 @@ async def test_a_replica_leaves_the_refresh_token_alone_while_anothers_pair_awai
     await relay.up()
     a = await make_sidecar(store={"url": relay.url(pg_schema.url)})
     b = await make_sidecar(store={"url": pg_schema.url})
-    seeded = await seed(a, idp, api, clock, expires_in=5)  # STALE: the next request refreshes
+    # STALE: the next request refreshes (a 1-h token near its end)
+    seeded = await seed(a, idp, api, clock, expires_in=5, lifetime=3600)
     api.valid.add("access-2")
     idp.gate = asyncio.Event()
     first = asyncio.ensure_future(client.get(a.url("api") + "/x"))

@@ -171,7 +171,8 @@ async def test_a_quirky_fatal_answer_marks_the_account_through_the_proxy(
     sidecar = await make_sidecar(
         provider={"quirks": {"error_aliases": {"bad_refresh_token": "invalid_grant"}}}
     )
-    await seed(sidecar, idp, api, clock, expires_in=10)  # STALE: refreshed before use
+    # STALE: refreshed before use (a 1-h token near its end)
+    await seed(sidecar, idp, api, clock, expires_in=10, lifetime=3600)
     idp.script.append(lambda: web.json_response({"error": "bad_refresh_token"}, status=200))
     for _ in range(2):
         async with client.get(sidecar.url("api") + "/x") as resp:

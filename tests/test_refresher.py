@@ -35,7 +35,7 @@ def test_schedule_is_a_fraction_of_lifetime_with_stable_jitter() -> None:
 
 
 def test_fixed_lead_is_capped_at_half_the_lifetime() -> None:
-    p = provider(refresh_lead_seconds=300, refresh_jitter_fraction=0)
+    p = provider(refresh_lead_fraction=0.2, refresh_lead_seconds=300, refresh_jitter_fraction=0)
     assert next_refresh_at(p, "a", expires_at=1000 + 3600, refreshed_at=1000) == 4600 - 720
     p = provider(refresh_lead_fraction=0, refresh_lead_seconds=900, refresh_jitter_fraction=0)
     assert next_refresh_at(p, "a", expires_at=1000 + 3600, refreshed_at=1000) == 4600 - 900
@@ -46,7 +46,7 @@ def test_fixed_lead_is_capped_at_half_the_lifetime() -> None:
 def test_keepalive_before_refresh_token_lapses() -> None:
     p = provider(refresh_token_lifetime_seconds=10 * DAY, refresh_jitter_fraction=0)
     at = next_refresh_at(p, "a", expires_at=None, refreshed_at=0.0)
-    assert at == pytest.approx(8 * DAY)
+    assert at == pytest.approx(9 * DAY)  # refresh_lead_fraction (0.1) of it left
 
 
 async def test_refreshes_due_accounts_only(make_sidecar, idp, api, clock) -> None:
@@ -64,7 +64,7 @@ async def test_refreshes_due_accounts_only(make_sidecar, idp, api, clock) -> Non
 async def test_keepalive_refreshes_idle_account(make_sidecar, idp, api, clock) -> None:
     sidecar = await make_sidecar(provider={"refresh_token_lifetime_seconds": 10 * DAY})
     await seed(sidecar, idp, api, clock, account="idle", expires_in=None)
-    clock.advance(7 * DAY)
+    clock.advance(8 * DAY - 1)  # the earliest is 9 days minus the jitter (up to a tenth)
     await sidecar.refresher.run_once()
     assert idp.calls == 0
     clock.advance(1 * DAY + 1)
@@ -146,7 +146,7 @@ async def test_lost_answer_then_invalid_grant_is_refresh_outcome_lost(
     client,
 ) -> None:
     sidecar = await make_sidecar()
-    seeded = await seed(sidecar, idp, api, clock, expires_in=30)
+    seeded = await seed(sidecar, idp, api, clock, expires_in=30, lifetime=3600)
     clock.advance(25)
     idp.drop_answers = 1  # the provider rotates, but the answer never arrives
     await sidecar.refresher.run_once()
@@ -173,7 +173,7 @@ async def test_lost_answer_retried_successfully_when_provider_did_not_rotate(
     clock,
 ) -> None:
     sidecar = await make_sidecar()
-    seeded = await seed(sidecar, idp, api, clock, expires_in=30)
+    seeded = await seed(sidecar, idp, api, clock, expires_in=30, lifetime=3600)
     clock.advance(25)
     idp.rotate = False  # this provider keeps refresh tokens: the lost answer cost nothing
     idp.drop_answers = 1
@@ -194,7 +194,7 @@ async def test_refresh_interrupted_by_a_crash_is_visible_after_restart(
 ) -> None:
     # A shutdown waits for a refresh in flight for no longer than the provider's timeout.
     first = await make_sidecar(provider={"timeout_seconds": 0.5})
-    seeded = await seed(first, idp, api, clock, expires_in=30)
+    seeded = await seed(first, idp, api, clock, expires_in=30, lifetime=3600)
     clock.advance(25)
     idp.gate = asyncio.Event()  # the provider receives the refresh...
     crashed = asyncio.ensure_future(first.refresher.run_once())

@@ -15,11 +15,9 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from sidecar import config as config_module
 from sidecar.credentials.codec import unseal
@@ -42,20 +40,11 @@ def store_url(request: pytest.FixtureRequest, secrets_dir: Path) -> str:
 
 @pytest.fixture
 async def cluster(
-    secrets_dir: Path, idp: FakeTokenEndpoint, aiohttp_server: Any
+    secrets_dir: Path, idp: FakeTokenEndpoint, refreshed_only_upstream: str
 ) -> AsyncIterator[Cluster]:
     """Processes whose upstream accepts only access tokens the fake issued by refreshing."""
 
-    async def handle(request: web.Request) -> web.Response:
-        token = request.headers.get("Authorization", "").removeprefix("Bearer ")
-        if token not in idp.issued_access[1:]:
-            return web.json_response({"upstream": "unauthorized"}, status=401)
-        return web.json_response({"token": token})
-
-    app = web.Application()
-    app.router.add_get("/{tail:.*}", handle)
-    server = await aiohttp_server(app)
-    running = Cluster(secrets_dir, idp, str(server.make_url("")).rstrip("/"))
+    running = Cluster(secrets_dir, idp, refreshed_only_upstream)
     try:
         yield running
     finally:

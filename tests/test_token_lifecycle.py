@@ -34,7 +34,8 @@ def test_freshness_is_a_pure_function_of_token_time_and_skew() -> None:
 
 async def test_expiry_is_absolute_from_receipt(make_sidecar, idp, api, clock, client) -> None:
     sidecar = await make_sidecar()
-    await seed(sidecar, idp, api, clock, expires_in=30)  # inside the 60 s skew: STALE
+    # Inside the 60 s skew: STALE (a 1-h token near its end)
+    await seed(sidecar, idp, api, clock, expires_in=30, lifetime=3600)
     idp.expires_in = 600
     api.valid.add("access-2")
     status, _, body = await get(client, sidecar.url("api") + "/x")
@@ -80,8 +81,8 @@ async def test_different_accounts_refresh_concurrently(
     make_sidecar, idp, api, clock, client
 ) -> None:
     sidecar = await make_sidecar()
-    await seed(sidecar, idp, api, clock, account="alice", expires_in=10)
-    await seed(sidecar, idp, api, clock, account="bob", expires_in=10)
+    await seed(sidecar, idp, api, clock, account="alice", expires_in=10, lifetime=3600)
+    await seed(sidecar, idp, api, clock, account="bob", expires_in=10, lifetime=3600)
     api.valid.update({"access-3", "access-4"})
     idp.gate = asyncio.Event()
     reqs = [
@@ -225,7 +226,7 @@ async def test_rotation_persists_before_use_and_never_resends(
     make_sidecar, idp, api, clock, client
 ) -> None:
     sidecar = await make_sidecar()
-    seeded = await seed(sidecar, idp, api, clock, expires_in=10)
+    seeded = await seed(sidecar, idp, api, clock, expires_in=10, lifetime=3600)
     api.valid.update({"access-2", "access-3"})
     assert (await get(client, sidecar.url("api") + "/x"))[2]["token"] == "access-2"
     stored = await sidecar.credentials._load("example", "main")
@@ -241,7 +242,7 @@ async def test_refresh_without_refresh_token_keeps_the_old_one(
     make_sidecar, idp, api, clock, client
 ) -> None:
     sidecar = await make_sidecar()
-    seeded = await seed(sidecar, idp, api, clock, expires_in=10)
+    seeded = await seed(sidecar, idp, api, clock, expires_in=10, lifetime=3600)
     idp.rotate = False
     api.valid.update({"access-2", "access-3"})
     await get(client, sidecar.url("api") + "/x")
@@ -258,7 +259,7 @@ async def test_fatal_error_marks_account_and_stops_calling(
     make_sidecar, idp, api, clock, client, error: str
 ) -> None:
     sidecar = await make_sidecar()
-    await seed(sidecar, idp, api, clock, expires_in=10)
+    await seed(sidecar, idp, api, clock, expires_in=10, lifetime=3600)
     idp.script.append(lambda: oauth_error(error, "grant revoked"))
     for _ in range(3):
         status, headers, body = await get(client, sidecar.url("api") + "/x")
@@ -307,7 +308,7 @@ async def test_transient_error_keeps_tokens_and_unexpired_token(
     make_sidecar, idp, api, clock, client, answer: int
 ) -> None:
     sidecar = await make_sidecar()
-    seeded = await seed(sidecar, idp, api, clock, expires_in=30)  # STALE
+    seeded = await seed(sidecar, idp, api, clock, expires_in=30, lifetime=3600)  # STALE
     before = await sidecar.store.get("example", "main")
     idp.script.append(lambda: _garbage_answers()[answer])
     status, _, body = await get(client, sidecar.url("api") + "/x")
@@ -468,7 +469,8 @@ async def test_store_outage_keeps_serving_a_valid_cached_token(
     make_sidecar, idp, api, clock, client
 ) -> None:
     sidecar = await make_sidecar()
-    seeded = await seed(sidecar, idp, api, clock, expires_in=30)  # STALE: wants a refresh
+    # STALE: wants a refresh (a 1-h token near its end)
+    seeded = await seed(sidecar, idp, api, clock, expires_in=30, lifetime=3600)
     api.valid.add("access-2")
     status, _, body = await get(client, sidecar.url("api") + "/x")
     assert (status, body["token"]) == (200, "access-2")

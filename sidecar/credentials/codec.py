@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from sidecar.crypto import TokenCipher
 from sidecar.model import AccountState, Credential, Token
 from sidecar.store.base import StoredRow
@@ -28,7 +30,8 @@ def unseal(cipher: TokenCipher, row: StoredRow) -> Credential:
     return Credential(
         provider=row.provider,
         account=row.account,
-        token=Token.from_json(plain),
+        # The row's refresh time is when this pair was received: every write of a pair sets it.
+        token=dataclasses.replace(Token.from_json(plain), issued_at=row.refreshed_at),
         version=row.version,
         state=AccountState(row.state),
         state_reason=row.state_reason,

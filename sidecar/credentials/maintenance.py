@@ -1,4 +1,5 @@
-"""Operator tasks on stored credentials: importing first token pairs and rotating keys."""
+"""Operator tasks on stored credentials: importing first token pairs, rotating keys, and
+checking the configuration against what the store holds."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from sidecar.config import CLIENT_CREDENTIALS_ACCOUNT, ProviderConfig
 from sidecar.credentials.codec import seal, unseal
 from sidecar.crypto import TokenCipher
 from sidecar.errors import ConfigError, SidecarError
-from sidecar.model import AccountState, Credential, Token
+from sidecar.model import SKEW_SHARE, AccountState, Credential, Token, effective_skew
 from sidecar.store import TokenStore
 
 
@@ -74,6 +75,7 @@ def _parse_line(line: str, provider: str, now: float, need_refresh_token: bool) 
         refresh_token=refresh,
         expires_at=None if expires_in is None else now + expires_in,
         scope=data.get("scope") if isinstance(data.get("scope"), str) else None,
+        issued_at=now,
     )
     return Credential(provider, data["account"], token, version=0, refreshed_at=now)
 
@@ -123,6 +125,51 @@ async def check_keys(store: TokenStore, cipher: TokenCipher) -> int:
             ]
         )
     return sum(in_use.values())
+
+
+async def clamped_settings(store: TokenStore, providers: Iterable[ProviderConfig]) -> list[str]:
+    """Configured durations that the lifetime bounds shorten for the tokens a provider issues.
+
+    The lifetimes are those of the stored tokens (receipt to expiry), the only record of what
+    a provider actually issues that is at hand without calling it; a provider with no stored
+    token yet is not judged. The shortest lifetime is the one a warning names.
+    """
+    lifetimes: dict[str, list[float]] = {}
+    for row in await store.rows():
+        if row.expires_at is not None and row.refreshed_at is not None:
+            lifetime = max(row.expires_at - row.refreshed_at, 0.0)
+            lifetimes.setdefault(row.provider, []).append(lifetime)
+    warnings = []
+    for i, provider in enumerate(providers):
+        if provider.name in lifetimes:
+            seen = lifetimes[provider.name]
+            warnings += _clamped(f"provider[{i}]", provider, min(seen), len(seen))
+    return warnings
+
+
+def _clamped(path: str, provider: ProviderConfig, lifetime: float, tokens: int) -> list[str]:
+    whose = (
+        f"for provider {provider.name!r}'s {lifetime:g}-s tokens "
+        f"(the shortest lifetime of {tokens} stored)"
+    )
+    warnings = []
+    skew = effective_skew(provider.refresh_skew_seconds, lifetime)
+    if skew < provider.refresh_skew_seconds:
+        warnings.append(
+            f"{path}.refresh_skew_seconds: {provider.refresh_skew_seconds:g} s is cut to "
+            f"{skew:g} s {whose}: the skew is at most {SKEW_SHARE:g} of a token's lifetime"
+        )
+    if provider.refresh_lead_seconds > lifetime / 2:
+        warnings.append(
+            f"{path}.refresh_lead_seconds: {provider.refresh_lead_seconds:g} s is cut to "
+            f"{lifetime / 2:g} s {whose}: the background lead is at most half the lifetime"
+        )
+    if provider.refresh_lead_fraction > 0.5:
+        warnings.append(
+            f"{path}.refresh_lead_fraction: {provider.refresh_lead_fraction:g} is cut to 0.5 "
+            f"{whose}: the background lead is at most half the lifetime"
+        )
+    return warnings
 
 
 async def reset_client_credentials(

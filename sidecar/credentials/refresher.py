@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from sidecar.config import ProviderConfig
 from sidecar.credentials.manager import CredentialManager
 from sidecar.errors import SidecarError, StoreError
-from sidecar.model import AccountState, Clock, Credential
+from sidecar.model import AccountState, Clock, Credential, effective_skew
 from sidecar.store import StoredRow, TokenStore
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,16 @@ def account_jitter(provider: str, account: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
+def access_lead(provider: ProviderConfig, lifetime: float) -> float:
+    """How long before expiry a token of this lifetime is refreshed in the background, before
+    jitter: ``refresh_lead_fraction`` of the lifetime or ``refresh_lead_seconds``, whichever is
+    longer, but at most half the lifetime (a longer lead would refresh more than twice per
+    lifetime). Never shorter than the token's effective skew: requests must not find it STALE
+    and wait for a refresh that the background would have done anyway."""
+    lead = max(provider.refresh_lead_fraction * lifetime, provider.refresh_lead_seconds)
+    return max(min(lead, lifetime / 2), effective_skew(provider.refresh_skew_seconds, lifetime))
+
+
 def next_refresh_at(
     provider: ProviderConfig, account: str, expires_at: float | None, refreshed_at: float | None
 ) -> float | None:
@@ -52,11 +62,8 @@ def next_refresh_at(
         times.append(expires_at - lead)
     elif expires_at is not None and refreshed_at is not None:
         lifetime = max(expires_at - refreshed_at, 0.0)
-        lead = min(
-            max(provider.refresh_lead_fraction * lifetime, provider.refresh_lead_seconds),
-            lifetime / 2,
-        )
-        times.append(expires_at - lead - jitter * provider.refresh_jitter_fraction * lifetime)
+        spread = jitter * provider.refresh_jitter_fraction * lifetime
+        times.append(expires_at - access_lead(provider, lifetime) - spread)
     if provider.refresh_token_lifetime_seconds and refreshed_at is not None:
         lifetime = provider.refresh_token_lifetime_seconds
         keep_alive = lifetime * (1 - provider.refresh_lead_fraction)

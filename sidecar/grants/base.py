@@ -169,6 +169,7 @@ def _token(data: dict[str, Any], received_at: float) -> Token:
         refresh_token=refresh,
         expires_at=None if expires_in is None else received_at + _seconds(expires_in),
         scope=scope if isinstance(scope, str) else None,
+        issued_at=received_at,
     )
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from sidecar.grants.base import TokenEndpoint
 from sidecar.model import Token
 
@@ -17,4 +19,4 @@ class ClientCredentialsGrant:
             params["scope"] = " ".join(self._scopes)
         token = await self._endpoint.request(params)
         # §4.4.3: a refresh token SHOULD NOT be included; never keep one if it is.
-        return Token(token.access_token, None, token.expires_at, token.token_type, token.scope)
+        return dataclasses.replace(token, refresh_token=None)

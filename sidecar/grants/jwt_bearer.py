@@ -6,6 +6,8 @@ signing a new assertion, so no refresh token is ever kept.
 
 from __future__ import annotations
 
+import dataclasses
+
 from sidecar.grants.assertion import GRANT_TYPE, AssertionSigner
 from sidecar.grants.base import TokenEndpoint
 from sidecar.model import Token
@@ -24,4 +26,4 @@ class JwtBearerGrant:
         if self._scopes:
             params["scope"] = " ".join(self._scopes)  # RFC 7521 §4.1
         token = await self._endpoint.request(params)
-        return Token(token.access_token, None, token.expires_at, token.token_type, token.scope)
+        return dataclasses.replace(token, refresh_token=None)

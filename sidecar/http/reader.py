@@ -99,7 +99,8 @@ class RequestReader:
             if isinstance(cause, Refused):
                 raise cause from None
             raise Refused(400, "bad_request", f"malformed request: {exc}") from None
-        self._check_growth(before, len(data))
+        if self.state is not Reading.IDLE:  # a whole request (the usual case) needs no count
+            self._check_growth(before, len(data))
 
     def _check_growth(self, before: Reading, size: int) -> None:
         """Bytes read into an incomplete head or trailer field count as they arrive."""

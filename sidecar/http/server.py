@@ -158,7 +158,8 @@ class _Connection(asyncio.Protocol):
                 else:
                     self._idle_since = self._loop.time()
                     break
-            self._hold_reading(bool(self._queue))
+            if self._queue or self._held:
+                self._hold_reading(bool(self._queue))
         finally:
             self._dispatching = False
 

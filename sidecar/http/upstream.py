@@ -208,11 +208,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._last_read = self._loop.time()
         if self._timer is None:
             self._timer = self._loop.call_later(self._read_timeout, self._check_read_timeout)
-        self._settle()
+        if self._theirs is not Theirs.WAITING:  # the answer came (or failed) first
+            self._settle()
 
     def _check_read_timeout(self) -> None:
         """The read timeout: one timer per connection, outliving the requests that armed it.
-
         It re-arms itself while bytes keep coming (or while we stopped reading), and lapses on
         an idle connection until the next request arms it; a request costs no timer of its own.
         """
@@ -284,7 +284,8 @@ class UpstreamConnection(asyncio.Protocol):
             response, self._answered = self._answered, None
             answered, self._callback = self._callback, None
             answered(response, None)
-        self._settle()
+        if self._theirs is Theirs.DONE or self._theirs is Theirs.CLOSED:
+            self._settle()
 
     def _check_limits(self, before: Theirs, size: int) -> None:
         """A head (or trailer section) may not grow past MAX_HEAD_BYTES, counted as it is

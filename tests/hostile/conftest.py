@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import seed
-from tests.hostile.harness import RecordingUpstream, Reply, Rig, Script, answer
+from tests.hostile.harness import Rig
+from tests.hostile.target import RecordingUpstream, Reply, Script, answer
 
 MakeRig = Callable[..., Awaitable[Rig]]
 

@@ -19,17 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from tests.hostile.harness import (
-    FORGED,
-    PROBE_TRAILER,
-    SILENT,
-    AppResult,
-    Rig,
-    UpRequest,
-    answer_body,
-    error_problem,
-    probe_problem,
-)
+from tests.hostile.app import AppResult
+from tests.hostile.harness import FORGED, PROBE_TRAILER, SILENT, Rig, error_problem, probe_problem
+from tests.hostile.target import UpRequest, answer_body
 
 BAD = (400, "bad_request")
 TOO_LARGE = (431, "headers_too_large")

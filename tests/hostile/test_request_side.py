@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from tests.hostile.conftest import MakeRig
-from tests.hostile.harness import Reply, Script, UpRequest, answer, reflect
 from tests.hostile.request_cases import Case, all_cases, run_case
+from tests.hostile.target import Reply, Script, UpRequest, answer, reflect
 
 CASES = all_cases()
 

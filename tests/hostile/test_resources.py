@@ -13,19 +13,10 @@ import gc
 
 import pytest
 
+from tests.hostile.app import AppConnection, AppResult
 from tests.hostile.conftest import MakeRig
-from tests.hostile.harness import (
-    DEADLINE,
-    AppConnection,
-    AppResult,
-    Reply,
-    Rig,
-    UpRequest,
-    answer,
-    error_problem,
-    reset_peak_rss,
-    rss_kib,
-)
+from tests.hostile.harness import Rig, error_problem, reset_peak_rss, rss_kib
+from tests.hostile.target import DEADLINE, Reply, UpRequest, answer
 
 HOST = b"Host: app.test\r\n"
 RSS_BUDGET_KIB = 20 * 1024

@@ -18,16 +18,10 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from tests.hostile.app import AppResult
 from tests.hostile.conftest import MakeRig
-from tests.hostile.harness import (
-    AppResult,
-    Reply,
-    Rig,
-    UpRequest,
-    answer,
-    answer_body,
-    sidecar_error,
-)
+from tests.hostile.harness import Rig, sidecar_error
+from tests.hostile.target import Reply, UpRequest, answer, answer_body
 
 SIDECAR_ERRORS = frozenset({(502, "upstream_unavailable"), (504, "upstream_timeout")})
 HOST = b"Host: app.test\r\n"

@@ -16,19 +16,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.hostile.app import AppResult
 from tests.hostile.conftest import MakeRig
-from tests.hostile.harness import (
-    AppResult,
-    Reply,
-    Rig,
-    Script,
-    UpRequest,
-    answer,
-    answer_body,
-    by_path,
-    probe_problem,
-    sidecar_error,
-)
+from tests.hostile.harness import Rig, probe_problem, sidecar_error
+from tests.hostile.target import Reply, Script, UpRequest, answer, answer_body, by_path
 
 UNAVAILABLE = (502, "upstream_unavailable")
 TIMEOUT = (504, "upstream_timeout")
