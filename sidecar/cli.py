@@ -395,16 +395,19 @@ def _connect(args: argparse.Namespace) -> int:
 
             webbrowser.open(url)
 
-    stored = asyncio.run(
-        connect(
-            cfg,
-            args.provider,
-            args.account,
-            redirect_uri=args.redirect_uri,
-            wait_seconds=args.timeout,
-            show=show,
-        )
+    login = connect(
+        cfg,
+        args.provider,
+        args.account,
+        redirect_uri=args.redirect_uri,
+        wait_seconds=args.timeout,
+        show=show,
     )
+    try:
+        stored = asyncio.run(login)
+    except KeyboardInterrupt:  # Ctrl-C while waiting for the browser
+        print("cancelled: nothing was stored", file=sys.stderr)
+        return EXIT_FAILED
     print(
         f"connected {'new' if stored.created else 'existing'} account {args.account!r} of "
         f"provider {args.provider!r}; access token expires "
